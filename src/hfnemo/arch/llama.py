@@ -1,0 +1,77 @@
+"""Llama 1/2/3/3.1/3.2, CodeLlama and Mistral: the dense gated-SiLU RMSNorm family.
+
+Provenance: NeMo nemo/collections/llm/gpt/model/llama.py HFLlamaImporter (name map, merge_qkv,
+merge_fc1) and mistral.py; Megatron-Bridge llama_bridge.py has the identical table (spec §4.2).
+"""
+from hfnemo.arch.config_rules import (Const, Field, HeadDim, ParamsDType, QueryGroups, RopeScaling,
+                                      SlidingWindow, VocabDivisor)
+from hfnemo.arch.rules import FuseGateUp, FuseQKV, Rename, TiedOutput
+from hfnemo.arch.spec import ArchSpec
+
+L = "model.layers.{l}."
+N = "decoder.layers.{l}."
+
+RULES = (
+    Rename("model.embed_tokens.weight", "embedding.word_embeddings.weight", ("V", "H")),
+    Rename(L + "input_layernorm.weight", N + "self_attention.linear_qkv.layer_norm_weight", ("H",)),
+    FuseQKV(L + "self_attn.q_proj.weight", L + "self_attn.k_proj.weight", L + "self_attn.v_proj.weight",
+            N + "self_attention.linear_qkv.weight"),
+    Rename(L + "self_attn.o_proj.weight", N + "self_attention.linear_proj.weight", ("H", "Q")),
+    Rename(L + "post_attention_layernorm.weight", N + "mlp.linear_fc1.layer_norm_weight", ("H",)),
+    FuseGateUp(L + "mlp.gate_proj.weight", L + "mlp.up_proj.weight", N + "mlp.linear_fc1.weight"),
+    Rename(L + "mlp.down_proj.weight", N + "mlp.linear_fc2.weight", ("H", "F")),
+    Rename("model.norm.weight", "decoder.final_layernorm.weight", ("H",)),
+    TiedOutput("lm_head.weight", "output_layer.weight"),
+)
+
+# Order of the fields in NVIDIA's importer does not matter here: io.json orders them by the
+# config dataclass (hfnemo.io.nemo_context).
+CONFIG = (
+    Field("num_hidden_layers", "num_layers"),
+    Field("hidden_size", "hidden_size"),
+    Field("intermediate_size", "ffn_hidden_size"),
+    Field("num_attention_heads", "num_attention_heads"),
+    QueryGroups(),
+    HeadDim(),
+    Field("initializer_range", "init_method_std", 0.02, 0.02),
+    Field("rms_norm_eps", "layernorm_epsilon", 1e-6, 1e-5),
+    Field("rope_theta", "rotary_base", 10000.0, 10000.0),
+    Field("max_position_embeddings", "seq_length", 2048, 2048),
+    Field("tie_word_embeddings", "share_embeddings_and_output_weights", False, False),
+    Field("vocab_size", "vocab_size"),
+    VocabDivisor(),
+    Const("gated_linear_unit", True, "hidden_act", "silu"),
+    Const("add_bias_linear", False, "mlp_bias", False, emit=False),
+    Const("add_qkv_bias", False, "attention_bias", False, emit=False),
+    ParamsDType(),
+    RopeScaling(),
+)
+
+_HF_DEFAULTS = {"attention_dropout": 0.0, "pretraining_tp": 1, "use_cache": True}
+_TE_MODULES = ("self_attention.core_attention", "self_attention.linear_proj", "self_attention.linear_qkv",
+               "mlp.linear_fc1", "mlp.linear_fc2")
+
+LLAMA = ArchSpec(
+    name="llama",
+    hf_architectures=("LlamaForCausalLM",),
+    hf_model_type="llama",
+    nemo_model="nemo.collections.llm.gpt.model.llama.LlamaModel",
+    nemo_config="nemo.collections.llm.gpt.model.llama.LlamaConfig",
+    rules=RULES,
+    config_rules=CONFIG,
+    nemo_config_variants=(("scale_factor", "nemo.collections.llm.gpt.model.llama.Llama31Config"),),
+    extra_state=_TE_MODULES,
+    hf_defaults=_HF_DEFAULTS,
+)
+
+MISTRAL = ArchSpec(
+    name="mistral",
+    hf_architectures=("MistralForCausalLM",),
+    hf_model_type="mistral",
+    nemo_model="nemo.collections.llm.gpt.model.mistral.MistralModel",
+    nemo_config="nemo.collections.llm.gpt.model.mistral.MistralConfig7B",
+    rules=RULES,
+    config_rules=CONFIG + (SlidingWindow(),),
+    extra_state=_TE_MODULES,
+    hf_defaults={"attention_dropout": 0.0, "use_cache": True},
+)

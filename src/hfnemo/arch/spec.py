@@ -1,0 +1,105 @@
+"""ArchSpec: one frozen table per family that drives both directions."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from hfnemo.arch.config_rules import ConfigRule
+from hfnemo.arch.rules import Dims, Rule
+from hfnemo.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    hf_architectures: tuple[str, ...]
+    hf_model_type: str
+    nemo_model: str  # dotted class path of the NeMo model NVIDIA's importer builds
+    nemo_config: str  # dotted class path of its config
+    rules: tuple[Rule, ...]
+    config_rules: tuple[ConfigRule, ...]
+    # (NeMo config field, config class) pairs: a field's presence selects a config subclass,
+    # e.g. scale_factor -> Llama31Config.
+    nemo_config_variants: tuple[tuple[str, str], ...] = ()
+    # Transformer Engine modules of one layer that carry _extra_state, in state-dict order.
+    extra_state: tuple[str, ...] = ()
+    # HF tensors that hold no weights (buffers some exporters saved); matched by suffix.
+    hf_ignore_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    # HF config fields written on export when the checkpoint carries no original config.json.
+    hf_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # HF config fields whose value is derived but that NVIDIA's importer leaves to NeMo defaults.
+    hf_passthrough: tuple[str, ...] = ()
+
+
+def _int(cfg: Mapping[str, Any], key: str, where: str) -> int:
+    v = cfg.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(f"{key}={v!r} is missing or not a positive integer", file=where,
+                          fix=f"set {key} in {where}")
+    return v
+
+
+def dims_from_hf(cfg: Mapping[str, Any], where: str) -> Dims:
+    heads = _int(cfg, "num_attention_heads", where)
+    hidden = _int(cfg, "hidden_size", where)
+    groups = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or hidden // heads
+    if heads % groups:
+        raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={groups}",
+                          file=where, fix="fix num_key_value_heads in config.json")
+    return Dims(
+        num_layers=_int(cfg, "num_hidden_layers", where), hidden=hidden, heads=heads, groups=int(groups),
+        head_dim=int(head_dim), ffn=_int(cfg, "intermediate_size", where), vocab=_int(cfg, "vocab_size", where),
+        tied=bool(cfg.get("tie_word_embeddings", False)),
+    )
+
+
+def dims_from_nemo(cfg: Mapping[str, Any], where: str) -> Dims:
+    heads = _int(cfg, "num_attention_heads", where)
+    hidden = _int(cfg, "hidden_size", where)
+    groups = cfg.get("num_query_groups") or heads
+    head_dim = cfg.get("kv_channels") or hidden // heads
+    if heads % groups:
+        raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_query_groups={groups}",
+                          file=where, fix="fix num_query_groups in model.yaml")
+    vocab = cfg.get("vocab_size")
+    if not vocab:
+        raise ConfigError("model.yaml has no vocab_size", file=where,
+                          fix="set config.vocab_size in context/model.yaml to the tokenizer's model vocab size")
+    return Dims(
+        num_layers=_int(cfg, "num_layers", where), hidden=hidden, heads=heads, groups=int(groups),
+        head_dim=int(head_dim), ffn=_int(cfg, "ffn_hidden_size", where), vocab=int(vocab),
+        tied=bool(cfg.get("share_embeddings_and_output_weights", False)),
+    )
+
+
+def hf_to_nemo_config(spec: ArchSpec, hf: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]]:
+    """NeMo config class and the fields NVIDIA's importer sets (plus those it forgets)."""
+    args: dict[str, Any] = {}
+    for rule in spec.config_rules:
+        rule.to_nemo(hf, args, where)
+    target = spec.nemo_config
+    for key, cls in spec.nemo_config_variants:
+        if key in args:
+            target = cls
+    return target, args
+
+
+def nemo_to_hf_config(spec: ArchSpec, nemo: Mapping[str, Any], base: Mapping[str, Any] | None,
+                      where: str) -> dict[str, Any]:
+    """HF config (4.x spelling) from model.yaml's config, on top of the original config if known."""
+    out: dict[str, Any] = dict(base) if base else {}
+    if not base:
+        out.update(spec.hf_defaults)
+        out["architectures"] = [spec.hf_architectures[0]]
+        out["model_type"] = spec.hf_model_type
+    for rule in spec.config_rules:
+        rule.to_hf(nemo, out, where)
+    return out
+
+
+def carried_hf_keys(spec: ArchSpec) -> set[str]:
+    keys: set[str] = set()
+    for rule in spec.config_rules:
+        keys.update(rule.hf_keys)
+    return keys

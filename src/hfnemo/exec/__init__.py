@@ -1,0 +1,1 @@
+"""Execution: stream a plan's row blocks from sources to sinks within the memory budget."""

@@ -1,0 +1,144 @@
+"""Logical source tensors and the row reads behind them (pread into caller buffers)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from hfnemo.errors import CorruptCheckpoint
+from hfnemo.io.dcp import ChunkLocator, DcpIndex, GlobalTensor
+from hfnemo.io.fileio import FileCache, pread_into
+from hfnemo.io.safetensors import StTensor
+from hfnemo.plan.plan import SourceTensor
+from hfnemo.dtypes import BY_NAME
+
+# Megatron global keys with stacked leading axes (spec §3.2, §3.5) -> logical per-layer names.
+_STACKED = (
+    (re.compile(r"^decoder\.layers\.mlp\.experts\.experts\.(.+)$"), "decoder.layers.{l}.mlp.experts.local_experts.{e}.", 2),
+    (re.compile(r"^decoder\.layers\.(?!\d+\.)(.+)$"), "decoder.layers.{l}.", 1),
+)
+NEMO_PREFIXES = ("module.", "model.")
+
+
+def hf_sources(tensors: dict[str, StTensor]) -> dict[str, SourceTensor]:
+    return {name: SourceTensor(name, t.dtype.name, t.shape, ("safetensors", t.file, t.offset))
+            for name, t in tensors.items()}
+
+
+def strip_prefix(keys: list[str]) -> str:
+    """The key prefix the producer used: 'module.' (NeMo 2), 'model.' (NeMo 1) or '' (Megatron)."""
+    for p in NEMO_PREFIXES:
+        if keys and all(k.startswith(p) for k in keys):
+            return p
+    return ""
+
+
+def dcp_sources(index: DcpIndex) -> tuple[dict[str, SourceTensor], str]:
+    """Expand stacked global tensors into one logical tensor per layer (and expert)."""
+    prefix = strip_prefix(list(index.tensors))
+    out: dict[str, SourceTensor] = {}
+    for fqn, g in index.tensors.items():
+        key = fqn[len(prefix):]
+        for pattern, template, axes in _STACKED:
+            m = pattern.match(key)
+            if m:
+                if len(g.shape) < axes:
+                    raise CorruptCheckpoint(f"stacked tensor has shape {g.shape}", file=index.root / ".metadata",
+                                            tensor=fqn, fix="the checkpoint is corrupt: re-create it")
+                for idx in _indices(g.shape[:axes]):
+                    name = template.format(l=idx[0], e=idx[-1]) + m.group(1)
+                    out[name] = SourceTensor(name, g.dtype.name, g.shape[axes:], ("dcp", fqn, idx))
+                break
+        else:
+            out[key] = SourceTensor(key, g.dtype.name, g.shape, ("dcp", fqn, ()))
+    return out, prefix
+
+
+def _indices(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    if not shape:
+        return [()]
+    return [(i, *rest) for i in range(shape[0]) for rest in _indices(shape[1:])]
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= s
+    return tuple(reversed(out))
+
+
+class RowReader:
+    """Reads rows ``[r0, r1)`` of a logical source tensor into a caller-owned byte buffer."""
+
+    def __init__(self, root: Path | None = None, index: DcpIndex | None = None) -> None:
+        self.files = FileCache()
+        self.index = index
+        self.locator = ChunkLocator(index) if index is not None else None
+
+    def close(self) -> None:
+        self.files.close()
+
+    def read_rows(self, src: SourceTensor, r0: int, r1: int, dest: memoryview) -> None:
+        kind = src.location[0]
+        itemsize = BY_NAME[src.dtype].itemsize
+        row_bytes = itemsize
+        for s in src.shape[1:]:
+            row_bytes *= s
+        if kind == "safetensors":
+            _, path, offset = src.location
+            pread_into(self.files.fd(path), dest, int(offset) + r0 * row_bytes, path=path)
+            return
+        _, fqn, prefix = src.location
+        self._read_dcp(self.index.tensors[fqn], tuple(prefix), src, r0, r1, row_bytes, dest)
+
+    def _read_dcp(self, g: GlobalTensor, prefix: tuple[int, ...], src: SourceTensor, r0: int, r1: int,
+                  row_bytes: int, dest: memoryview) -> None:
+        p = len(prefix)
+        covered = 0
+        itemsize = g.dtype.itemsize
+        for chunk in g.chunks:
+            o, s = chunk.offsets, chunk.sizes
+            if any(not (o[i] <= prefix[i] < o[i] + s[i]) for i in range(p)):
+                continue
+            if not src.shape:  # a 0-d logical tensor is one element
+                a, b = 0, 1
+            else:
+                a, b = max(r0, o[p]), min(r1, o[p] + s[p])
+                if a >= b:
+                    continue
+            path = str(self.index.root / chunk.file)
+            fd = self.files.fd(path)
+            st = self.locator.locate(fd, g.fqn, chunk)
+            if st.dtype.name != g.dtype.name:
+                raise CorruptCheckpoint(f"chunk stores {st.dtype.name}, .metadata says {g.dtype.name}", file=path,
+                                        tensor=g.fqn, fix="the checkpoint is corrupt: re-create it")
+            strides = _strides(s)
+            base = sum((prefix[i] - o[i]) * strides[i] for i in range(p))
+            full_trailing = all(o[j] == 0 and s[j] == g.shape[j] for j in range(p + 1, len(g.shape)))
+            if not src.shape or full_trailing:
+                row_in_chunk = (a - o[p]) if src.shape else 0
+                start = st.offset + (base + row_in_chunk * (strides[p] if src.shape else 1)) * itemsize
+                pread_into(fd, dest[(a - r0) * row_bytes:(b - r0) * row_bytes], start, path=path)
+                covered += (b - a) * row_bytes
+                continue
+            # The chunk splits the trailing dims (tensor-parallel row-parallel layout): read its
+            # rows whole and scatter them into the right columns.
+            chunk_row_bytes = strides[p] * itemsize
+            tmp = torch.empty((b - a) * chunk_row_bytes, dtype=torch.uint8)
+            start = st.offset + (base + (a - o[p]) * strides[p]) * itemsize
+            pread_into(fd, memoryview(tmp.numpy()), start, path=path)
+            part = tmp.view(g.dtype.torch).view((b - a, *s[p + 1:]))
+            out = torch.frombuffer(dest, dtype=torch.uint8)[(a - r0) * row_bytes:(b - r0) * row_bytes]
+            view = out.view(g.dtype.torch).view((b - a, *g.shape[p + 1:]))
+            for j in range(p + 1, len(g.shape)):
+                view = view.narrow(j - p, o[j], s[j])
+            view.copy_(part)
+            covered += part.numel() * itemsize
+        want = (r1 - r0) * row_bytes if src.shape else row_bytes
+        if covered != want:
+            raise CorruptCheckpoint(
+                f"stored chunks cover {covered} of the {want} bytes of rows {r0}..{r1} at index {prefix}",
+                file=self.index.root / ".metadata", tensor=g.fqn,
+                fix="the checkpoint is incomplete or its chunks overlap: re-create it")

@@ -1,0 +1,258 @@
+"""torch.distributed.checkpoint (DCP) on disk: the ``.metadata`` index and ``.distcp`` files.
+
+Written by hand, streaming (spec §2): every tensor chunk is a torch.save archive written by
+:class:`hfnemo.io.torchzip.ArchiveWriter`; BYTE_IO items are raw bytes. ``.metadata`` is a pickle
+of torch's own dataclasses, so torch's ``FileSystemReader`` reads what we write. Reading a
+``.metadata`` that strangers wrote uses an unpickler that admits only DCP's metadata classes (and
+inert stubs for Megatron's plan classes, which NeMo checkpoints pickle); chunk bytes are never
+unpickled except their tiny ``data.pkl``, through torchzip's restricted unpickler.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint import metadata as dcp_md
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+from hfnemo.dtypes import BY_TORCH, DType
+from hfnemo.errors import CorruptCheckpoint
+from hfnemo.io.fileio import write_all
+from hfnemo.io.torchzip import ArchiveWriter, StoredTensor, locate_tensor, tensor_pickle
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stored piece of a global tensor, located by its global offsets."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str  # relative path inside the weights directory
+    offset: int  # byte offset of its torch.save archive in that file
+    length: int
+
+
+@dataclass(frozen=True)
+class GlobalTensor:
+    fqn: str
+    dtype: DType
+    shape: tuple[int, ...]
+    chunks: tuple[Chunk, ...]
+
+
+@dataclass
+class DcpIndex:
+    """What a ``.metadata`` says: global tensors with their chunks, and the byte-blob keys."""
+
+    root: Path
+    tensors: dict[str, GlobalTensor] = field(default_factory=dict)
+    byte_keys: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------- reading
+
+class _MegatronStub:
+    """Inert stand-in for Megatron classes pickled into .metadata (MCoreSavePlan, ...)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
+_DCP_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint.planner": {
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData"},
+    "torch.distributed._shard.sharded_tensor.metadata": {"TensorProperties", "MEM_FORMAT_ENCODING"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "tuple", "list", "dict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, f: io.BufferedIOBase, path: str) -> None:
+        super().__init__(f)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> object:
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if name in _DCP_ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        if module.split(".")[0] in ("megatron", "nemo"):
+            return type(name, (_MegatronStub,), {"__module__": module})
+        raise CorruptCheckpoint(
+            f".metadata pickles {module}.{name}, which a DCP index never needs; refusing to load it",
+            file=self.path, fix="the checkpoint is corrupt or hostile: do not use it")
+
+
+def read_index(weights_dir: str | Path) -> DcpIndex:
+    """Parse ``weights_dir/.metadata`` safely and check every chunk lies inside its file."""
+    root = Path(weights_dir)
+    mpath = root / ".metadata"
+    try:
+        with open(mpath, "rb") as f:
+            md = _MetadataUnpickler(f, str(mpath)).load()
+    except FileNotFoundError as e:
+        raise CorruptCheckpoint("no .metadata: not a torch distributed checkpoint", file=mpath,
+                                fix="point hfnemo at the checkpoint directory that holds weights/.metadata") from e
+    except CorruptCheckpoint:
+        raise
+    except Exception as e:  # a damaged pickle can raise nearly anything
+        raise CorruptCheckpoint(f".metadata does not unpickle: {e}", file=mpath,
+                                fix="the checkpoint is corrupt: re-create or re-copy it") from e
+    if not isinstance(md, dcp_md.Metadata):
+        raise CorruptCheckpoint(".metadata does not hold a DCP Metadata object", file=mpath,
+                                fix="the checkpoint is corrupt: re-create it")
+    storage = md.storage_data or {}
+    sizes: dict[str, int] = {}
+    index = DcpIndex(root)
+    for fqn, meta in md.state_dict_metadata.items():
+        if isinstance(meta, dcp_md.BytesStorageMetadata):
+            index.byte_keys.append(fqn)
+            continue
+        dtype = BY_TORCH.get(meta.properties.dtype)
+        if dtype is None:
+            raise CorruptCheckpoint(f"unsupported dtype {meta.properties.dtype}", file=mpath, tensor=fqn,
+                                    fix="hfnemo converts floating-point and integer tensors only")
+        chunks = []
+        for i, c in enumerate(meta.chunks):
+            info = storage.get(dcp_md.MetadataIndex(fqn, c.offsets, i))
+            if info is None:
+                raise CorruptCheckpoint(f"chunk at offsets {tuple(c.offsets)} has no storage entry", file=mpath,
+                                        tensor=fqn, fix="the checkpoint is incomplete: re-create it")
+            fpath = root / info.relative_path
+            if Path(info.relative_path).is_absolute() or ".." in Path(info.relative_path).parts:
+                raise CorruptCheckpoint(f"chunk points outside the checkpoint ({info.relative_path!r})",
+                                        file=mpath, tensor=fqn, fix="the checkpoint is hostile: do not use it")
+            if info.relative_path not in sizes:
+                try:
+                    sizes[info.relative_path] = os.path.getsize(fpath)
+                except OSError as e:
+                    raise CorruptCheckpoint("chunk file is missing", file=fpath, tensor=fqn,
+                                            fix="copy the whole weights/ directory") from e
+            if info.offset < 0 or info.length < 0 or info.offset + info.length > sizes[info.relative_path]:
+                raise CorruptCheckpoint(
+                    f"chunk bytes {info.offset}..{info.offset + info.length} lie outside the "
+                    f"{sizes[info.relative_path]}-byte file", file=fpath, tensor=fqn,
+                    fix="the file is truncated: re-copy the checkpoint")
+            chunks.append(Chunk(tuple(c.offsets), tuple(c.sizes), info.relative_path, info.offset, info.length))
+        index.tensors[fqn] = GlobalTensor(fqn, dtype, tuple(meta.size), tuple(chunks))
+    return index
+
+
+class ChunkLocator:
+    """Finds (and caches) where each chunk's raw tensor bytes begin."""
+
+    def __init__(self, index: DcpIndex) -> None:
+        self.index = index
+        self._cache: dict[tuple[str, int], StoredTensor] = {}
+
+    def locate(self, fd: int, fqn: str, chunk: Chunk) -> StoredTensor:
+        key = (chunk.file, chunk.offset)
+        st = self._cache.get(key)
+        if st is None:
+            path = str(self.index.root / chunk.file)
+            st = locate_tensor(fd, chunk.offset, chunk.length, path=path, what=fqn)
+            if st.shape != chunk.sizes:
+                raise CorruptCheckpoint(f"chunk holds shape {st.shape}, .metadata says {chunk.sizes}",
+                                        file=path, tensor=fqn, fix="the checkpoint is corrupt: re-create it")
+            self._cache[key] = st
+        return st
+
+
+# ----------------------------------------------------------------------------------- writing
+
+class DcpWriter:
+    """Writes ``__0_<i>.distcp`` files item by item, then ``.metadata`` last."""
+
+    def __init__(self, weights_dir: str | Path, n_files: int, prefix: str = "__0_") -> None:
+        self.root = Path(weights_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.names = [f"{prefix}{i}.distcp" for i in range(n_files)]
+        self.fds = [os.open(self.root / n, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for n in self.names]
+        self.pos = [0] * n_files
+        self.state_dict_metadata: dict[str, object] = {}
+        self.storage_data: dict[dcp_md.MetadataIndex, _StorageInfo] = {}
+
+    def declare_tensor(self, fqn: str, dtype: DType, shape: tuple[int, ...],
+                       chunks: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+        """Register a global tensor and its chunk list (in the order readers will see them)."""
+        self.state_dict_metadata[fqn] = dcp_md.TensorStorageMetadata(
+            properties=dcp_md.TensorProperties(dtype=dtype.torch),
+            size=torch.Size(shape),
+            chunks=[dcp_md.ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s in chunks],
+        )
+
+    def declare_bytes(self, key: str) -> None:
+        self.state_dict_metadata[key] = dcp_md.BytesStorageMetadata()
+
+    def write_bytes(self, key: str, payload: bytes, file: int) -> None:
+        start = self.pos[file]
+        self.pos[file] += write_all(self.fds[file], payload)
+        self.storage_data[dcp_md.MetadataIndex(key)] = _StorageInfo(self.names[file], start, len(payload))
+
+    def begin_tensor(self, fqn: str, offsets: tuple[int, ...], dtype: DType, shape: tuple[int, ...],
+                     file: int) -> "_ChunkHandle":
+        return _ChunkHandle(self, fqn, offsets, dtype, shape, file)
+
+    def finish(self, checkpoint_id: str) -> None:
+        for fd in self.fds:
+            os.fsync(fd)
+            os.close(fd)
+        self.fds = []
+        tensor_keys = [k for k, v in self.state_dict_metadata.items()
+                       if isinstance(v, dcp_md.TensorStorageMetadata)]
+        md = dcp_md.Metadata(
+            state_dict_metadata=self.state_dict_metadata,
+            planner_data=None,
+            storage_data=self.storage_data,
+            storage_meta=dcp_md.StorageMeta(checkpoint_id=checkpoint_id, save_id=str(uuid.uuid4()), load_id=None),
+        )
+        # Megatron's loaders read per-key mcore_data with getattr(md, "mcore_data", {}); NVIDIA's
+        # importer writes an empty dict per tensor key, so we do too.
+        md.mcore_data = {k: {} for k in tensor_keys}
+        tmp = self.root / ".metadata.tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(md, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / ".metadata")
+
+    def abort(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+class _ChunkHandle:
+    def __init__(self, w: DcpWriter, fqn: str, offsets: tuple[int, ...], dtype: DType,
+                 shape: tuple[int, ...], file: int) -> None:
+        self.w, self.fqn, self.offsets, self.file = w, fqn, offsets, file
+        self.start = w.pos[file]
+        fd = w.fds[file]
+        nbytes = dtype.itemsize
+        for s in shape:
+            nbytes *= s
+        self.archive = ArchiveWriter(lambda b: write_all(fd, b), tensor_pickle(dtype, shape), nbytes)
+
+    def write(self, block: memoryview | bytes) -> None:
+        self.archive.write(block)
+
+    def finish(self) -> None:
+        length = self.archive.finish()
+        self.w.pos[self.file] += length
+        self.w.storage_data[dcp_md.MetadataIndex(self.fqn, torch.Size(self.offsets))] = _StorageInfo(
+            self.w.names[self.file], self.start, length)

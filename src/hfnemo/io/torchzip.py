@@ -1,0 +1,359 @@
+"""torch.save archives, written as a stream and read by offset, without torch.save/torch.load.
+
+A DCP chunk is a complete ``torch.save(tensor)`` zip archive (spec §2.2). torch's writer
+(caffe2/serialize/inline_container.cc) emits stored (uncompressed) records, each preceded by a
+local header whose extra field pads the data to 64 bytes (an "FB" field of 'Z's), sizes and CRC
+in a data descriptor *after* the data (flag bit 3), and always a zip64 end record. That layout
+is naturally streamable: we write the header, then the tensor bytes in row blocks as they are
+produced, then the descriptor. The bytes equal torch.save's except the serialization id.
+
+Reading goes the other way: parse the central directory, unpickle ``data.pkl`` with an
+unpickler that admits only ``_rebuild_tensor_v2`` and storage classes, and return where the raw
+tensor bytes lie so that callers can pread exactly the rows they need.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+from hfnemo.dtypes import BY_STORAGE, DType
+from hfnemo.errors import CorruptCheckpoint
+from hfnemo.io.fileio import pread_into
+
+ALIGN = 64
+ARCHIVE = "archive"  # torch.save names the archive folder after the file; a stream gets "archive"
+_U32 = 0xFFFFFFFF
+_FLAGS = 0x0808  # bit 3: data descriptor follows; bit 11: UTF-8 names
+
+
+def _local_header(name: bytes, cursor: int, size: int) -> bytes:
+    """Local file header + name + extra (zip64 sizes when needed, then FB padding to ALIGN)."""
+    zip64 = b""
+    if size >= _U32 or cursor >= _U32:
+        body = b""
+        if size >= _U32:
+            body += struct.pack("<QQ", size, size)
+        if cursor >= _U32:
+            body += struct.pack("<Q", cursor)
+        zip64 = struct.pack("<HH", 1, len(body)) + body
+    start = cursor + 30 + len(name) + len(zip64) + 4
+    pad = -start % ALIGN
+    extra = zip64 + b"FB" + struct.pack("<H", pad) + b"Z" * pad
+    csize = _U32 if size >= _U32 else 0
+    return struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 0, _FLAGS, 0, 0, 0, 0, csize, csize,
+                       len(name), len(extra)) + name + extra
+
+
+def _descriptor(crc: int, size: int) -> bytes:
+    if size >= _U32:
+        return struct.pack("<4sIQQ", b"PK\x07\x08", crc, size, size)
+    return struct.pack("<4sIII", b"PK\x07\x08", crc, size, size)
+
+
+def _central_entry(name: bytes, crc: int, size: int, offset: int) -> bytes:
+    body = b""
+    if size >= _U32:
+        body += struct.pack("<QQ", size, size)
+    if offset >= _U32:
+        body += struct.pack("<Q", offset)
+    extra = struct.pack("<HH", 1, len(body)) + body if body else b""
+    s32 = _U32 if size >= _U32 else size
+    o32 = _U32 if offset >= _U32 else offset
+    return struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 0, 0, _FLAGS, 0, 0, 0, crc, s32, s32,
+                       len(name), len(extra), 0, 0, 0, 0, o32) + name + extra
+
+
+def _end_records(n: int, cd_offset: int, cd_size: int) -> bytes:
+    eocd64_offset = cd_offset + cd_size
+    out = struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 0x031E, 45, 0, 0, n, n, cd_size, cd_offset)
+    out += struct.pack("<4sIQI", b"PK\x06\x07", 0, eocd64_offset, 1)
+    out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, n, n, min(cd_size, _U32), min(cd_offset, _U32), 0)
+    return out
+
+
+class _TensorStub:
+    """Pickles exactly like torch.save pickles a contiguous CPU tensor, without having one."""
+
+    def __init__(self, dtype: DType, shape: tuple[int, ...]) -> None:
+        self.dtype = dtype
+        self.shape = shape
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        import torch._utils
+
+        return (torch._utils._rebuild_tensor_v2,
+                (_StorageStub(self.dtype, _numel(self.shape)), 0, tuple(self.shape),
+                 _contiguous_strides(self.shape), False, OrderedDict()))
+
+
+class _StorageStub:
+    def __init__(self, dtype: DType, numel: int) -> None:
+        self.dtype = dtype
+        self.numel = numel
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = []
+    acc = 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(strides))
+
+
+class _StubPickler(pickle.Pickler):
+    def persistent_id(self, obj: object) -> object:
+        if isinstance(obj, _StorageStub):
+            import torch
+
+            return ("storage", getattr(torch, obj.dtype.storage), "0", "cpu", obj.numel)
+        return None
+
+
+def tensor_pickle(dtype: DType, shape: tuple[int, ...]) -> bytes:
+    """data.pkl of ``torch.save(t)`` for a contiguous CPU tensor of this dtype and shape."""
+    buf = io.BytesIO()
+    _StubPickler(buf, protocol=2).dump(_TensorStub(dtype, shape))
+    return buf.getvalue()
+
+
+def object_pickle(obj: object) -> bytes:
+    """data.pkl for plain Python objects without tensors (e.g. ``[None]`` for _extra_state)."""
+    buf = io.BytesIO()
+    pickle.Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+class ArchiveWriter:
+    """Streams one torch.save-compatible archive to ``fd`` at its current position.
+
+    Usage: ``w = ArchiveWriter(sink, pkl, data_size)``; ``w.write(block)`` until data_size
+    bytes; ``w.finish()`` returns the archive length. ``sink`` writes bytes fully (a file
+    descriptor's write_all, or BytesIO.write). Alignment is relative to the archive start, as in
+    torch (a DCP file holds archives back to back at arbitrary offsets).
+    """
+
+    def __init__(self, sink: Callable[[bytes | memoryview], object], pkl: bytes, data_size: int | None) -> None:
+        self.sink = sink
+        self.pos = 0
+        self.central: list[bytes] = []
+        self._crcs: list[int] = []
+        self._small(b"data.pkl", pkl)
+        self._small(b".format_version", b"1")
+        self._small(b".storage_alignment", b"64")
+        self._small(b"byteorder", b"little")
+        self.data_size = data_size
+        self._data_done = 0
+        self._data_crc = 0
+        if data_size == 0:
+            data_size = None  # torch.save writes no storage record for an empty tensor
+        if data_size is not None:
+            self._open(b"data/0", data_size)
+
+    def _name(self, name: bytes) -> bytes:
+        return ARCHIVE.encode() + b"/" + name
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        self.sink(data)
+        self.pos += len(data)
+
+    def _open(self, name: bytes, size: int) -> None:
+        self._record_name = self._name(name)
+        self._record_offset = self.pos
+        self._emit(_local_header(self._record_name, self.pos, size))
+
+    def _close(self, crc: int, size: int) -> None:
+        self._emit(_descriptor(crc, size))
+        self.central.append(_central_entry(self._record_name, crc, size, self._record_offset))
+        self._crcs.append(crc)
+
+    def _small(self, name: bytes, data: bytes) -> None:
+        self._open(name, len(data))
+        self._emit(data)
+        self._close(zlib.crc32(data), len(data))
+
+    def write(self, block: memoryview | bytes) -> None:
+        """Append tensor bytes (any block size); CRC is computed as the bytes pass."""
+        view = memoryview(block).cast("B")
+        self._data_crc = zlib.crc32(view, self._data_crc)
+        self._emit(view)
+        self._data_done += len(view)
+
+    def finish(self) -> int:
+        if self.data_size is not None:
+            if self._data_done != self.data_size:
+                raise AssertionError(f"archive got {self._data_done} of {self.data_size} data bytes")
+            self._close(self._data_crc, self.data_size)
+        self._small(b"version", b"3\n")
+        # torch writes a random id; ours is derived from the content so reruns give equal bytes.
+        sid = f"{zlib.crc32(b''.join(c.to_bytes(4, 'little') for c in self._crcs)):020d}{self.pos:020d}"
+        self._small(b".data/serialization_id", sid.encode())
+        cd_offset = self.pos
+        cd = b"".join(self.central)
+        self._emit(cd)
+        self._emit(_end_records(len(self.central), cd_offset, len(cd)))
+        return self.pos
+
+
+def archive_bytes(pkl: bytes, data: bytes | None = None) -> bytes:
+    """A whole small archive in memory (extra_state blobs, tests)."""
+    out = io.BytesIO()
+    writer = ArchiveWriter(out.write, pkl, None if data is None else len(data))
+    if data is not None:
+        writer.write(data)
+    writer.finish()
+    return out.getvalue()
+
+
+# ----------------------------------------------------------------------------------- reading
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a torch.save archive keeps its tensor: absolute file offset of element 0."""
+
+    dtype: DType
+    shape: tuple[int, ...]
+    offset: int  # absolute offset in the containing file of the first element
+    nbytes: int
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits only what a plain tensor archive holds; anything else is refused, never called."""
+
+    _ALLOWED = {("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict"),
+                ("torch", "Size")}
+
+    def __init__(self, data: bytes, path: str) -> None:
+        super().__init__(io.BytesIO(data))
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> object:
+        if module == "torch" and name in BY_STORAGE:
+            return ("storage-class", name)
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        raise CorruptCheckpoint(f"tensor archive pickles {module}.{name}, which a tensor never needs",
+                                file=self.path, fix="the checkpoint is corrupt or hostile: do not use it")
+
+    def persistent_load(self, pid: object) -> object:
+        if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
+                or not isinstance(pid[1], tuple) or not isinstance(pid[2], str)):
+            raise CorruptCheckpoint(f"unexpected storage reference {pid!r}", file=self.path,
+                                    fix="the checkpoint is corrupt: re-create it")
+        return ("storage", BY_STORAGE[pid[1][1]], pid[2], pid[4])
+
+
+def _rebuild(storage: object, storage_offset: int, size: tuple[int, ...], stride: tuple[int, ...],
+             *_rest: object) -> tuple[object, ...]:
+    return ("tensor", storage, storage_offset, tuple(size), tuple(stride))
+
+
+def _read_exact(fd: int, offset: int, n: int, path: str) -> bytes:
+    buf = bytearray(n)
+    pread_into(fd, memoryview(buf), offset, path=path)
+    return bytes(buf)
+
+
+def locate_tensor(fd: int, offset: int, length: int, *, path: str = "?", what: str = "?") -> StoredTensor:
+    """Find the tensor bytes of the archive stored at ``[offset, offset+length)`` of ``fd``."""
+
+    def bad(msg: str) -> CorruptCheckpoint:
+        return CorruptCheckpoint(msg, file=path, tensor=what, fix="the checkpoint is corrupt: re-create it")
+
+    if length < 22:
+        raise bad(f"chunk of {length} bytes is too small to be a torch archive")
+    tail_len = min(length, 22 + 20 + 56 + 65535)
+    tail = _read_exact(fd, offset + length - tail_len, tail_len, path)
+    eocd = tail.rfind(b"PK\x05\x06")
+    if eocd < 0:
+        raise bad("no zip end-of-central-directory record in the chunk")
+    _, _, _, _, n_entries, cd_size, cd_off, _ = struct.unpack("<4sHHHHIIH", tail[eocd:eocd + 22])
+    if cd_off == _U32 or cd_size == _U32 or n_entries == 0xFFFF:
+        loc = tail.rfind(b"PK\x06\x07", 0, eocd)
+        if loc < 0:
+            raise bad("zip64 end record missing")
+        (eocd64_off,) = struct.unpack("<Q", tail[loc + 8:loc + 16])
+        rec = _read_exact(fd, offset + eocd64_off, 56, path)
+        if rec[:4] != b"PK\x06\x06":
+            raise bad("zip64 end record is corrupt")
+        n_entries, _, cd_size, cd_off = struct.unpack("<QQQQ", rec[24:56])
+    if cd_off + cd_size > length or n_entries > 64:
+        raise bad("central directory lies outside the chunk")
+    cd = _read_exact(fd, offset + cd_off, cd_size, path)
+    entries: dict[str, tuple[int, int]] = {}
+    p = 0
+    for _ in range(n_entries):
+        if cd[p:p + 4] != b"PK\x01\x02":
+            raise bad("central directory entry is corrupt")
+        (method, csize, usize, nlen, elen, clen, loff) = (
+            struct.unpack("<H", cd[p + 10:p + 12])[0], *struct.unpack("<II", cd[p + 20:p + 28]),
+            *struct.unpack("<HHH", cd[p + 28:p + 34]), struct.unpack("<I", cd[p + 42:p + 46])[0])
+        name = cd[p + 46:p + 46 + nlen].decode("utf-8", "replace")
+        extra = cd[p + 46 + nlen:p + 46 + nlen + elen]
+        if method != 0:
+            raise bad(f"record {name} is compressed; torch archives store records uncompressed")
+        if usize == _U32 or loff == _U32:
+            q = 0
+            while q + 4 <= len(extra):
+                hid, hlen = struct.unpack("<HH", extra[q:q + 4])
+                if hid == 1:
+                    vals = extra[q + 4:q + 4 + hlen]
+                    k = 0
+                    if usize == _U32:
+                        usize = struct.unpack("<Q", vals[k:k + 8])[0]
+                        k += 16
+                    if loff == _U32:
+                        loff = struct.unpack("<Q", vals[k:k + 8])[0]
+                q += 4 + hlen
+        entries[name.split("/", 1)[-1]] = (loff, usize)
+        p += 46 + nlen + elen + clen
+
+    def data_start(rec: str) -> tuple[int, int]:
+        if rec not in entries:
+            raise bad(f"archive has no record {rec!r}")
+        loff, usize = entries[rec]
+        lh = _read_exact(fd, offset + loff, 30, path)
+        if lh[:4] != b"PK\x03\x04":
+            raise bad(f"local header of {rec!r} is corrupt")
+        nlen, elen = struct.unpack("<HH", lh[26:30])
+        start = loff + 30 + nlen + elen
+        if start + usize > length:
+            raise bad(f"record {rec!r} runs past the end of the chunk")
+        return offset + start, usize
+
+    pkl_at, pkl_len = data_start("data.pkl")
+    if pkl_len > 1 << 20:
+        raise bad("data.pkl is implausibly large for one tensor")
+    try:
+        obj = _RestrictedUnpickler(_read_exact(fd, pkl_at, pkl_len, path), path).load()
+    except CorruptCheckpoint:
+        raise
+    except Exception as e:  # malformed pickle streams raise a zoo of exception types
+        raise bad(f"data.pkl does not unpickle: {e}") from e
+    if not (isinstance(obj, tuple) and obj and obj[0] == "tensor"):
+        raise bad("chunk does not hold a single tensor")
+    _, storage, soff, size, stride = obj
+    _, dtype, key, _numel_s = storage
+    if stride != _contiguous_strides(size) and _numel(size) > 1:
+        raise bad(f"chunk tensor is not contiguous (stride {stride})")
+    nbytes = _numel(size) * dtype.itemsize
+    if nbytes == 0:
+        return StoredTensor(dtype, size, offset, 0)
+    data_at, data_len = data_start(f"data/{key}")
+    if soff * dtype.itemsize + nbytes > data_len:
+        raise bad(f"tensor needs {nbytes} bytes but its storage record holds {data_len}")
+    return StoredTensor(dtype, size, data_at + soff * dtype.itemsize, nbytes)

@@ -1,0 +1,205 @@
+"""make_plan: (spec, source tensors, config, target layout, budget) -> Plan. Pure; touches no files."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+from hfnemo.arch.rules import Dims, Logical, Rule, TiedOutput
+from hfnemo.arch.spec import ArchSpec
+from hfnemo.dtypes import BY_NAME, FLOAT_DTYPES
+from hfnemo.errors import BudgetExceeded, UnmappedTensors
+from hfnemo.io.torchzip import archive_bytes, object_pickle
+from hfnemo.plan.plan import BytesItem, OutputItem, Plan, Segment, SourceTensor
+
+_LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT_NAME = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The memory arithmetic: what the process already holds, and what buffers may use."""
+
+    max_memory: int
+    baseline: int  # resident bytes before any buffer (interpreter, torch, metadata)
+    depth: int = 4  # row blocks in flight (read ahead of the writer)
+    max_block: int = 64 << 20
+    reserve: int = 48 << 20  # headroom for Python objects, page tables, allocator slack
+
+
+def _expand(rule: Rule, dims: Dims) -> list[dict[str, object]]:
+    return [{"l": l} for l in range(dims.num_layers)] if rule.per_layer else [{}]
+
+
+def map_tensors(spec: ArchSpec, dims: Dims, sources: Mapping[str, SourceTensor], direction: str,
+                where: str) -> list[Logical]:
+    """Apply every rule; fail with one message naming all missing, unclaimed or doubly claimed tensors."""
+    hf_side = direction == "hf_to_nemo"
+    claimed: dict[str, int] = {}
+    missing: list[str] = []
+    jobs: list[tuple[Rule, dict[str, object]]] = []
+    for rule in spec.rules:
+        for fmt in _expand(rule, dims):
+            names = rule.hf_names(dims) if hf_side else rule.nemo_names(dims)
+            optional = hf_side and isinstance(rule, TiedOutput) and rule.optional_hf(dims)
+            for n in (x.format(**fmt) for x in names):
+                if n in sources:
+                    claimed[n] = claimed.get(n, 0) + 1
+                elif not optional:
+                    missing.append(n)
+            jobs.append((rule, fmt))
+    ignored = {n for n in sources if n.endswith(spec.hf_ignore_suffixes) or "_extra_state" in n}
+    unclaimed = sorted(set(sources) - set(claimed) - ignored)
+    doubled = sorted(n for n, c in claimed.items() if c > 1)
+    if missing or unclaimed or doubled:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} expected tensor(s) missing: {', '.join(missing[:12])}"
+                         + (" ..." if len(missing) > 12 else ""))
+        if unclaimed:
+            parts.append(f"{len(unclaimed)} tensor(s) no rule maps: {', '.join(unclaimed[:12])}"
+                         + (" ..." if len(unclaimed) > 12 else ""))
+        if doubled:
+            parts.append(f"tensor(s) claimed by two rules: {', '.join(doubled)}")
+        raise UnmappedTensors(
+            f"the {spec.name} mapping does not cover this checkpoint exactly; " + "; ".join(parts),
+            file=where, tensor=(missing or unclaimed or doubled)[0],
+            fix="check that config.json (num_hidden_layers, tie_word_embeddings, architectures) matches the "
+                "weights; if it does, this variant needs a spec of its own")
+    out: list[Logical] = []
+    for rule, fmt in jobs:
+        out.extend(rule.hf_to_nemo(dims, sources, fmt) if hf_side else rule.nemo_to_hf(dims, sources, fmt))
+    return out
+
+
+def _out_dtype(requested: str, src_dtype: str) -> str:
+    if requested == "auto" or src_dtype not in FLOAT_DTYPES:
+        return src_dtype
+    return requested
+
+
+def _row_elems(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return n
+
+
+def _slice(segs: tuple[Segment, ...], r0: int, r1: int) -> tuple[Segment, ...]:
+    """The segments covering output rows [r0, r1), rebased to start at 0."""
+    out = []
+    for s in segs:
+        a, b = max(r0, s.out_row), min(r1, s.out_row + s.rows)
+        if a < b:
+            out.append(Segment(a - r0, b - a, s.source, s.src_row + a - s.out_row if s.source else 0))
+    return tuple(out)
+
+
+def _split_files(items: list[OutputItem], byte_keys: list[str], n_files: int) -> tuple[list[int], list[int]]:
+    """torch DCP's _split_by_size_and_type: blobs round-robin, tensors largest-first to the
+    lightest file. Mirrors how Megatron spreads items over __0_0 / __0_1."""
+    byte_files = [i % n_files for i in range(len(byte_keys))]
+    sizes = [0] * n_files
+    tensor_files = [0] * len(items)
+    for idx in sorted(range(len(items)), key=lambda i: -items[i].nbytes):
+        f = min(range(n_files), key=lambda k: sizes[k])
+        tensor_files[idx] = f
+        sizes[f] += items[idx].nbytes
+    return byte_files, tensor_files
+
+
+EXTRA_STATE_PAYLOAD = archive_bytes(object_pickle([None]))  # what a non-FP8 run stores (reference)
+
+
+def layout_nemo(spec: ArchSpec, dims: Dims, logicals: list[Logical], dtype: str, *, prefix: str = "module.",
+                n_files: int = 2) -> tuple[list[OutputItem], list[BytesItem], list[str]]:
+    """Stack per-layer tensors on a leading axis, one chunk per layer (two for GLU fc1)."""
+    names = [f"__0_{i}.distcp" for i in range(n_files)]
+    pending: list[OutputItem] = []
+    for lg in logicals:
+        m = _EXPERT_NAME.match(lg.name)
+        if m:
+            key = "decoder.layers.mlp.experts.experts." + m.group(3)
+            lead: tuple[int, ...] = (int(m.group(1)), int(m.group(2)))
+            lead_shape: tuple[int, ...] = (dims.num_layers, -1)
+        else:
+            m = _LAYER_NAME.match(lg.name)
+            key, lead, lead_shape = ((f"decoder.layers.{m.group(2)}", (int(m.group(1)),), (dims.num_layers,))
+                                     if m else (lg.name, (), ()))
+        out_dtype = _out_dtype(dtype, lg.dtype)
+        rows = lg.shape[0] if lg.shape else 1
+        bounds = [0, *lg.row_splits, rows]
+        for r0, r1 in zip(bounds, bounds[1:]):
+            chunk_shape = (1,) * len(lead) + ((r1 - r0, *lg.shape[1:]) if lg.shape else ())
+            pending.append(OutputItem(
+                key=prefix + key, shape=chunk_shape, dtype=out_dtype, rows=r1 - r0, row_elems=_row_elems(lg.shape),
+                segments=_slice(lg.segments, r0, r1), transform=lg.transform, file="",
+                offsets=lead + ((r0,) + (0,) * (len(lg.shape) - 1) if lg.shape else ()),
+                global_shape=lead_shape + tuple(lg.shape)))
+    # Global shapes of stacked expert tensors need the expert count, known only now.
+    experts = {}
+    for it in pending:
+        if len(it.global_shape) > 1 and it.global_shape[1] == -1:
+            experts[it.key] = max(experts.get(it.key, 0), it.offsets[1] + 1)
+    # State-dict order: per key, chunks by layer (Megatron registers each key's chunks together).
+    order: dict[str, int] = {}
+    for it in pending:
+        order.setdefault(it.key, len(order))
+    pending.sort(key=lambda it: (order[it.key], it.offsets))
+    items = [OutputItem(**{**it.__dict__, "global_shape": (it.global_shape[0], experts[it.key], *it.global_shape[2:])})
+             if it.key in experts else it for it in pending]
+    byte_keys = [f"{prefix}decoder.layers.{mod}._extra_state/shard_{l}_{dims.num_layers}"
+                 for l in range(dims.num_layers) for mod in spec.extra_state]
+    byte_files, tensor_files = _split_files(items, byte_keys, n_files)
+    items = [OutputItem(**{**it.__dict__, "file": names[f]}) for it, f in zip(items, tensor_files)]
+    blobs = [BytesItem(k, EXTRA_STATE_PAYLOAD.hex(), names[f]) for k, f in zip(byte_keys, byte_files)]
+    # Write order: each file's blobs, then its tensors largest first (as torch's writer does).
+    items.sort(key=lambda it: (names.index(it.file), -it.nbytes))
+    return items, blobs, names
+
+
+def layout_hf(logicals: list[Logical], dtype: str, max_shard_size: int) -> tuple[list[OutputItem], list[str]]:
+    """Shard HF tensors in model order like transformers; inside a file, names sorted like safetensors."""
+    shards: list[list[Logical]] = [[]]
+    size = 0
+    for lg in logicals:
+        n = (lg.shape[0] if lg.shape else 1) * _row_elems(lg.shape) * BY_NAME[_out_dtype(dtype, lg.dtype)].itemsize
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(lg)
+        size += n
+    total = len(shards)
+    files = ["model.safetensors"] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+                                                       for i in range(total)]
+    items = []
+    for fname, shard in zip(files, shards):
+        for lg in sorted(shard, key=lambda x: x.name):
+            items.append(OutputItem(key=lg.name, shape=lg.shape, dtype=_out_dtype(dtype, lg.dtype),
+                                    rows=lg.shape[0] if lg.shape else 1, row_elems=_row_elems(lg.shape),
+                                    segments=lg.segments, transform=lg.transform, file=fname))
+    return items, files
+
+
+def budget_plan(items: list[OutputItem], sources: Mapping[str, SourceTensor], budget: Budget) -> dict[str, int]:
+    """Block size and buffer count so that baseline + buffers stays under max_memory."""
+    casting = any(sources[s.source].dtype != it.dtype for it in items for s in it.segments if s.source)
+    widest = 1
+    for it in items:
+        out_row = it.row_elems * BY_NAME[it.dtype].itemsize
+        src_rows = [it.row_elems * BY_NAME[sources[s.source].dtype].itemsize for s in it.segments if s.source]
+        widest = max(widest, out_row, *src_rows)
+    per_slot = 2 if casting else 1  # output buffer (+ staging buffer in the source dtype)
+    usable = budget.max_memory - budget.baseline - budget.reserve
+    block = min(budget.max_block, usable // (budget.depth * per_slot)) if usable > 0 else 0
+    block -= block % 4096
+    if block < widest:
+        need = budget.baseline + budget.reserve + budget.depth * per_slot * max(widest, 4096)
+        raise BudgetExceeded(
+            f"--max-memory {budget.max_memory} bytes is too small: the process already holds "
+            f"{budget.baseline} bytes and one row needs {widest} bytes x {budget.depth * per_slot} buffers",
+            fix=f"raise --max-memory to at least {need >> 20} MiB")
+    return {"max_memory": budget.max_memory, "baseline": budget.baseline, "reserve": budget.reserve,
+            "depth": budget.depth, "buffers_per_slot": per_slot, "block_bytes": block,
+            "buffer_bytes": budget.depth * per_slot * block,
+            "peak_estimate": budget.baseline + budget.reserve + budget.depth * per_slot * block}
