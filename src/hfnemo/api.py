@@ -238,6 +238,8 @@ def _write_import_extras(job: _Job, staging: Path) -> None:
     config_args = [(k, v) for k, v in config_args if not (k in seen or seen.add(k))]
     gen_path = job.src / "generation_config.json"
     generation = hfio.read_json(gen_path, "generation_config.json") if gen_path.is_file() else None
+    if generation is None:
+        config_args.append(("generation_config", None))  # NVIDIA's importer records the absence
     has_tok = any((job.src / n).is_file() for n in hfio.TOKENIZER_FILES)
     write_context(staging / "context", model_target=_ref(spec.nemo_model), config_target=_ref(target),
                   config_args=config_args, tokenizer_dir=job.src if has_tok else None,

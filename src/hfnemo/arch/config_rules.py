@@ -203,15 +203,21 @@ class RopeScaling(ConfigRule):
 
 
 @dataclass(frozen=True)
-class SlidingWindow(ConfigRule):
-    """sliding_window ⇄ window_size = [w, 0] (Mistral)."""
+class MistralWindow(ConfigRule):
+    """NVIDIA's Mistral importer: seq_length=sliding_window, window_size=[w, 0], cp_comm_type='a2a'
+    (all None without a window). max_position_embeddings is therefore not in the NeMo config; on
+    export it comes from the original config.json when hfnemo wrote the checkpoint, else seq_length."""
 
-    hf_keys = ("sliding_window",)
+    hf_keys = ("sliding_window", "max_position_embeddings")
 
     def to_nemo(self, hf, out, where):
         w = hf.get("sliding_window")
+        out["seq_length"] = int(w) if w else None
         out["window_size"] = [int(w), 0] if w else None
+        out["cp_comm_type"] = "a2a" if w else None
 
     def to_hf(self, nemo, out, where):
         ws = nemo.get("window_size")
         out["sliding_window"] = int(ws[0]) if ws else None
+        if "max_position_embeddings" not in out:
+            out["max_position_embeddings"] = nemo.get("seq_length") or 32768

@@ -3,8 +3,8 @@
 Provenance: NeMo nemo/collections/llm/gpt/model/llama.py HFLlamaImporter (name map, merge_qkv,
 merge_fc1) and mistral.py; Megatron-Bridge llama_bridge.py has the identical table (spec §4.2).
 """
-from hfnemo.arch.config_rules import (Const, Field, HeadDim, ParamsDType, QueryGroups, RopeScaling,
-                                      SlidingWindow, VocabDivisor)
+from hfnemo.arch.config_rules import (Const, Field, HeadDim, MistralWindow, ParamsDType, QueryGroups,
+                                      RopeScaling, VocabDivisor)
 from hfnemo.arch.rules import FuseGateUp, FuseQKV, Rename, TiedOutput
 from hfnemo.arch.spec import ArchSpec
 
@@ -26,7 +26,7 @@ RULES = (
 
 # Order of the fields in NVIDIA's importer does not matter here: io.json orders them by the
 # config dataclass (hfnemo.io.nemo_context).
-CONFIG = (
+_COMMON = (
     Field("num_hidden_layers", "num_layers"),
     Field("hidden_size", "hidden_size"),
     Field("intermediate_size", "ffn_hidden_size"),
@@ -36,15 +36,23 @@ CONFIG = (
     Field("initializer_range", "init_method_std", 0.02, 0.02),
     Field("rms_norm_eps", "layernorm_epsilon", 1e-6, 1e-5),
     Field("rope_theta", "rotary_base", 10000.0, 10000.0),
-    Field("max_position_embeddings", "seq_length", 2048, 2048),
     Field("tie_word_embeddings", "share_embeddings_and_output_weights", False, False),
     Field("vocab_size", "vocab_size"),
     VocabDivisor(),
     Const("gated_linear_unit", True, "hidden_act", "silu"),
+    ParamsDType(),
+)
+CONFIG = _COMMON + (
+    Field("max_position_embeddings", "seq_length", 2048, 2048),
+    RopeScaling(),
     Const("add_bias_linear", False, "mlp_bias", False, emit=False),
     Const("add_qkv_bias", False, "attention_bias", False, emit=False),
-    ParamsDType(),
-    RopeScaling(),
+)
+# MistralConfig (HF) has no bias flags; Megatron's must still be off.
+MISTRAL_CONFIG = _COMMON + (
+    MistralWindow(),
+    Const("add_bias_linear", False, emit=False),
+    Const("add_qkv_bias", False, emit=False),
 )
 
 _HF_DEFAULTS = {"attention_dropout": 0.0, "pretraining_tp": 1, "use_cache": True}
@@ -71,7 +79,7 @@ MISTRAL = ArchSpec(
     nemo_model="nemo.collections.llm.gpt.model.mistral.MistralModel",
     nemo_config="nemo.collections.llm.gpt.model.mistral.MistralConfig7B",
     rules=RULES,
-    config_rules=CONFIG + (SlidingWindow(),),
+    config_rules=MISTRAL_CONFIG,
     extra_state=_TE_MODULES,
     hf_defaults={"attention_dropout": 0.0, "use_cache": True},
 )

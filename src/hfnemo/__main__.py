@@ -1,0 +1,5 @@
+import sys
+
+from hfnemo.cli import main
+
+sys.exit(main())

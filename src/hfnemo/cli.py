@@ -1,0 +1,224 @@
+"""Command line: argument parsing and exit codes only; the work is in hfnemo.api.
+
+Exit codes: 0 success, 2 a ConversionError (one message: file, tensor, fix), 1 anything else
+(a bug: the traceback is printed with -v).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from hfnemo.errors import ConversionError, UsageError
+
+
+def _progress(enabled: bool) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    """A tqdm bar on stderr (bytes, bytes/s, ETA) when stderr is a terminal."""
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = None
+    last = 0
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar, last
+        if bar is None:
+            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                       desc="converting", dynamic_ncols=True)
+        bar.update(done - last)
+        last = done
+
+    return update, lambda: bar.close() if bar is not None else None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="output dtype; casts round to nearest even (default: keep each tensor's dtype)")
+    p.add_argument("--max-memory", default="2GiB", help="peak process memory, e.g. 1GiB (default 2GiB)")
+    p.add_argument("--max-shard-size", default="5GB", help="HF output shard size (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary on stderr")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks and details")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hfnemo", description="Streaming HF safetensors <-> NeMo 2 converter.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("import", help="HF safetensors directory -> NeMo 2 checkpoint directory")
+    p.add_argument("src")
+    p.add_argument("dst")
+    _common(p)
+    p = sub.add_parser("export", help="NeMo 2 checkpoint -> HF safetensors directory")
+    p.add_argument("src", nargs="?", help="NeMo 2 checkpoint (context/ + weights/)")
+    p.add_argument("dst", nargs="?")
+    p.add_argument("--latest", metavar="RUN_DIR", help="export the newest <RUN_DIR>/checkpoints/*-last")
+    _common(p)
+    p = sub.add_parser("plan", help="dry run: every output tensor, sources, transform, bytes, memory, disk")
+    p.add_argument("src")
+    p.add_argument("--to", choices=["nemo", "hf"])
+    p.add_argument("--out", help="output directory whose disk is checked (default: beside the source)")
+    p.add_argument("--tensors", action="store_true", help="list every output tensor (default with --json)")
+    _common(p)
+    p = sub.add_parser("latest", help="print the newest *-last checkpoint of a training run")
+    p.add_argument("run_dir")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("archs", help="list supported architectures")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("llm", help="NVIDIA guide syntax: hfnemo llm import|export -y key=value ...")
+    p.add_argument("action", choices=["import", "export"])
+    p.add_argument("-y", "--yes", action="store_true", help="accepted for compatibility (never prompts)")
+    p.add_argument("kv", nargs="*", metavar="KEY=VALUE")
+    _common(p)
+    return ap
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text, file=sys.stderr)
+
+
+def _run_convert(args: argparse.Namespace, src: str, dst: str, to: str) -> int:
+    from hfnemo.api import convert
+
+    update, close = _progress(not args.quiet and sys.stderr.isatty())
+    try:
+        report = convert(src, dst, to=to, dtype=args.dtype, max_memory=args.max_memory,
+                         max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=update)
+    finally:
+        close()
+    if args.json:
+        print(json.dumps(report.to_json()))
+    _say(args, f"{report.direction}: {report.tensors} tensors, {report.bytes_written / 1e9:.3f} GB in "
+               f"{report.seconds:.1f} s ({report.gb_per_s:.2f} GB/s), peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB "
+               f"-> {report.output}")
+    return 0
+
+
+def _kv(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise UsageError(f"expected KEY=VALUE, got {it!r}", fix="write e.g. source=hf://PATH output_path=OUT")
+        k, v = it.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _llm(args: argparse.Namespace) -> int:
+    kv = _kv(args.kv)
+    if args.action == "import":
+        src = kv.get("source")
+        if not src:
+            raise UsageError("llm import needs source=hf://PATH", fix="add source=hf://<model dir>")
+        src = src.removeprefix("hf://")
+        dst = kv.get("output_path")
+        if not dst:  # NeMo's default: $NEMO_HOME/models/<name>
+            home = os.environ.get("NEMO_HOME", str(Path.home() / ".cache" / "nemo"))
+            dst = str(Path(home) / "models" / Path(src.rstrip("/")).name)
+        args.overwrite = args.overwrite or kv.get("overwrite", "false").lower() == "true"
+        return _run_convert(args, src, dst, "nemo")
+    path, dst, target = kv.get("path"), kv.get("output_path"), kv.get("target", "hf")
+    if target != "hf":
+        raise UsageError(f"target={target!r} is not supported", fix="use target=hf")
+    if not path or not dst:
+        raise UsageError("llm export needs path=CKPT and output_path=OUT", fix="add both")
+    args.overwrite = args.overwrite or kv.get("overwrite", "false").lower() == "true"
+    return _run_convert(args, path, dst, "hf")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from hfnemo.api import plan
+
+    p = plan(args.src, to=args.to, dtype=args.dtype, max_memory=args.max_memory, max_shard_size=args.max_shard_size)
+    out_dir = Path(args.out) if args.out else Path(args.src).resolve().parent
+    while not out_dir.exists():
+        out_dir = out_dir.parent
+    free = shutil.disk_usage(out_dir).free
+    summary: dict[str, Any] = {
+        "direction": p.direction, "arch": p.arch, "source": p.source, "dtype": p.dtype,
+        "tensors": len(p.items), "read_bytes": p.read_bytes, "write_bytes": p.write_bytes,
+        "files": list(p.files), "peak_memory_bytes": p.budget["peak_estimate"], "budget": p.budget,
+        "free_disk_bytes": free, "disk_ok": free >= p.write_bytes, "config": p.config,
+    }
+    if args.json:
+        summary["items"] = [{"key": it.key, "offsets": list(it.offsets), "shape": list(it.shape), "dtype": it.dtype,
+                             "transform": it.transform, "file": it.file, "bytes": it.nbytes,
+                             "sources": sorted({s.source for s in it.segments if s.source})} for it in p.items]
+        print(json.dumps(summary, default=str))
+        return 0
+    w = sys.stdout.write
+    w(f"{p.direction} ({p.arch}): {len(p.items)} output tensors, read {p.read_bytes / 1e9:.3f} GB, "
+      f"write {p.write_bytes / 1e9:.3f} GB into {', '.join(p.files)}\n")
+    w(f"memory: peak <= {p.budget['peak_estimate'] / 2**20:.0f} MiB of {p.budget['max_memory'] / 2**20:.0f} MiB "
+      f"(baseline {p.budget['baseline'] / 2**20:.0f} MiB + {p.budget['depth']} x "
+      f"{p.budget['buffers_per_slot']} x {p.budget['block_bytes'] / 2**20:.0f} MiB blocks)\n")
+    w(f"disk: {free / 1e9:.1f} GB free at {out_dir} ({'enough' if free >= p.write_bytes else 'NOT ENOUGH'})\n")
+    if args.tensors or args.verbose:
+        for it in p.items:
+            srcs = sorted({s.source for s in it.segments if s.source})
+            where = f" @{list(it.offsets)}" if it.offsets else ""
+            w(f"  {it.key}{where} {list(it.shape)} {it.dtype} <- {it.transform}({', '.join(srcs)}) [{it.file}]\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["llm"]:
+        # NVIDIA's `nemo llm import -y k=v ...`: -y may sit between the action and the key=values,
+        # which argparse cannot interleave with a variadic positional.
+        argv = [a for a in argv if a not in ("-y", "--yes")]
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "import":
+            return _run_convert(args, args.src, args.dst, "nemo")
+        if args.cmd == "export":
+            from hfnemo.api import find_latest
+
+            if args.latest:
+                if args.src and not args.dst:
+                    args.dst = args.src
+                src = str(find_latest(args.latest))
+                _say(args, f"latest checkpoint: {src}")
+            else:
+                src = args.src
+            if not src or not args.dst:
+                raise UsageError("export needs NEMO_DIR and OUT_DIR (or --latest RUN_DIR OUT_DIR)",
+                                 fix="hfnemo export NEMO_DIR OUT_DIR")
+            return _run_convert(args, src, args.dst, "hf")
+        if args.cmd == "plan":
+            return _plan(args)
+        if args.cmd == "latest":
+            from hfnemo.api import find_latest
+
+            print(find_latest(args.run_dir))
+            return 0
+        if args.cmd == "archs":
+            from hfnemo.arch import ARCH_TABLE
+
+            for name, (module, attr) in sorted(ARCH_TABLE.items()):
+                print(f"{name:28s} {attr.lower():10s} both directions")
+            return 0
+        if args.cmd == "llm":
+            return _llm(args)
+    except ConversionError as e:
+        if getattr(args, "json", False):
+            print(json.dumps(e.to_json()))
+        print(f"hfnemo: error: {e}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("hfnemo: interrupted; no output was published (the source is untouched)", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
