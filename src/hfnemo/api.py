@@ -172,7 +172,8 @@ def _job(src: str | Path, to: str | None, dtype: str | None, max_memory: int | s
     path = Path(src).expanduser()
     if not path.exists():
         raise UsageError(f"{path} does not exist", file=path, fix="check the path")
-    kind = detect(path)
+    # `import` means the source is HF even when config.json is missing (then that is the error).
+    kind = "hf" if to == "nemo" and not is_nemo_dir(path) else detect(path)
     want = to or ("nemo" if kind == "hf" else "hf")
     if (kind, want) not in (("hf", "nemo"), ("nemo", "hf")):
         raise UsageError(f"cannot convert a {kind} checkpoint to {want}", file=path,
