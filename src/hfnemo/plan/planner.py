@@ -193,6 +193,8 @@ def budget_plan(items: list[OutputItem], sources: Mapping[str, SourceTensor], bu
     usable = budget.max_memory - budget.baseline - budget.reserve
     block = min(budget.max_block, usable // (budget.depth * per_slot)) if usable > 0 else 0
     block -= block % 4096
+    largest = max((it.rows * widest for it in items), default=0)
+    block = min(block, max(4096, -(-largest // 4096) * 4096))  # small models need no 64 MiB buffers
     if block < widest:
         need = budget.baseline + budget.reserve + budget.depth * per_slot * max(widest, 4096)
         raise BudgetExceeded(
