@@ -65,10 +65,12 @@ def test_peak_memory_under_budget_with_tensor_larger_than_budget(tmp_path: Path,
                                "--dtype", dtype])
     assert m.returncode == 0, m.stderr
     assert m.peak_pss_bytes <= BUDGET, (m.peak_pss_bytes, BUDGET)
+    assert m.peak_rss_hwm_bytes <= BUDGET, (m.peak_rss_hwm_bytes, BUDGET)
     m2 = run_and_measure(cli + ["export", str(tmp_path / "nemo"), str(tmp_path / "back"), "--max-memory",
                                 str(BUDGET), "--quiet", "--dtype", "fp32"])
     assert m2.returncode == 0, m2.stderr
     assert m2.peak_pss_bytes <= BUDGET, (m2.peak_pss_bytes, BUDGET)
+    assert m2.peak_rss_hwm_bytes <= BUDGET, (m2.peak_rss_hwm_bytes, BUDGET)
     if dtype == "auto":
         # Same tensors, same order, same header: the exported file is the source, byte for byte.
         assert file_digest(tmp_path / "back" / "model.safetensors") == file_digest(src / "model.safetensors")
