@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from hfnemo.arch import get_spec, spec_for_nemo_model
-from hfnemo.arch.spec import carried_hf_keys, dims_from_hf, dims_from_nemo, hf_to_nemo_config, nemo_to_hf_config
+from hfnemo.arch.spec import hf_dims, hf_to_nemo_config, nemo_dims, nemo_to_hf_config
 from hfnemo.dtypes import parse_dtype
 from hfnemo.errors import ConfigError, ConversionError, InsufficientDisk, OutputExists, UsageError
 from hfnemo.exec.executor import execute
@@ -124,7 +124,7 @@ def _plan_import(src: Path, dtype: str, budget: Budget) -> _Job:
         raise ConfigError("config.json has no 'architectures'", file=cfg.path,
                           fix='add "architectures": ["LlamaForCausalLM"] (or the right class) to config.json')
     spec = get_spec(arch, where=cfg.path)
-    dims = dims_from_hf(cfg.data, cfg.path)
+    dims = hf_dims(spec, cfg.data, cfg.path)
     tensors = hfio.scan_weights(src)
     sources = hf_sources(tensors)
     logicals = map_tensors(spec, dims, sources, "hf_to_nemo", str(src))
@@ -140,11 +140,21 @@ def _plan_import(src: Path, dtype: str, budget: Budget) -> _Job:
     return _Job(plan, RowReader(), src, {"spec": spec, "hf": cfg, "dims": dims})
 
 
+def _sidecar_sizes(src: Path) -> dict[str, Any]:
+    """Sizes model.yaml may leave to the tokenizer (Mixtral's vocab_size: null) from the source
+    config.json hfnemo kept; NVIDIA-written checkpoints have no sidecar."""
+    sidecar = src / "context" / HF_CONFIG_SIDECAR
+    if not sidecar.is_file():
+        return {}
+    v = hfio.read_json(sidecar, "hf_config.json").get("vocab_size")
+    return {"hf_vocab_size": v} if v else {}
+
+
 def _plan_export(src: Path, dtype: str, budget: Budget, max_shard: int) -> _Job:
     ctx = read_context(src / "context")
     spec = spec_for_nemo_model(ctx.model_target, where=str(src / "context" / "model.yaml"))
     where = str(src / "context" / "model.yaml")
-    dims = dims_from_nemo(ctx.config, where)
+    dims = nemo_dims(spec, {**ctx.config, **_sidecar_sizes(src)}, where)
     index = read_index(src / "weights")
     sources, _prefix = dcp_sources(index)
     logicals = map_tensors(spec, dims, sources, "nemo_to_hf", str(src / "weights"))

@@ -27,10 +27,16 @@ class Dims:
     ffn: int
     vocab: int
     tied: bool
+    experts: int = 0  # MoE experts per layer (0: dense)
+    vocab_padded: int = 0  # embedding rows on the NeMo side when padded (0: no padding)
 
     @property
     def heads_per_group(self) -> int:
         return self.heads // self.groups
+
+    @property
+    def nemo_vocab(self) -> int:
+        return self.vocab_padded or self.vocab
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,7 @@ def _size(dims: Dims, sym: str | int) -> int:
     if isinstance(sym, int):
         return sym
     return {
-        "V": dims.vocab, "H": dims.hidden, "F": dims.ffn, "2F": 2 * dims.ffn,
+        "V": dims.vocab, "Vp": dims.nemo_vocab, "H": dims.hidden, "F": dims.ffn, "2F": 2 * dims.ffn,
         "Q": dims.heads * dims.head_dim, "KV": dims.groups * dims.head_dim,
         "QKV": (dims.heads + 2 * dims.groups) * dims.head_dim,
     }[sym]
@@ -100,6 +106,10 @@ class Rule:
     @property
     def per_layer(self) -> bool:
         return any("{l}" in n for n in self._all_names())
+
+    @property
+    def per_expert(self) -> bool:
+        return any("{e}" in n for n in self._all_names())
 
     def _all_names(self) -> tuple[str, ...]:
         return tuple(v for v in vars(self).values() if isinstance(v, str))
@@ -253,3 +263,36 @@ class TiedOutput(Rule):
 
     def optional_hf(self, dims: Dims) -> bool:
         return dims.tied
+
+
+@dataclass(frozen=True)
+class VocabRename(Rule):
+    """Embedding / output rows ``[V, H]`` ⇄ Megatron's ``[V', H]`` padded to
+    ``make_vocab_size_divisible_by`` (spec §5). Import zero-fills the pad rows (NVIDIA's importer
+    leaves them uninitialised); export prunes them."""
+
+    hf: str
+    nemo: str
+    shape: tuple[str | int, ...] = ("V", "H")
+
+    def hf_names(self, dims):
+        return (self.hf,)
+
+    def nemo_names(self, dims):
+        return (self.nemo,)
+
+    def hf_to_nemo(self, dims, src, fmt):
+        t = _need(src, self.hf.format(**fmt))
+        _check(t, tuple(_size(dims, s) for s in self.shape), "vocab_size x hidden_size")
+        v, vp = dims.vocab, dims.nemo_vocab
+        segs = (Segment(0, v, t.name, 0),) + ((Segment(v, vp - v, None, 0),) if vp > v else ())
+        return [Logical(self.nemo.format(**fmt), (vp, *t.shape[1:]), t.dtype, segs,
+                        "copy" if vp == v else "pad_vocab")]
+
+    def nemo_to_hf(self, dims, src, fmt):
+        t = _need(src, self.nemo.format(**fmt))
+        want = tuple(_size(dims, s) for s in self.shape)
+        if not t.shape or t.shape[0] < dims.vocab or tuple(t.shape[1:]) != want[1:]:
+            _check(t, ((dims.nemo_vocab,) + want[1:]), "padded vocab x hidden_size")
+        return [Logical(self.hf.format(**fmt), (dims.vocab, *t.shape[1:]), t.dtype, (Segment(0, dims.vocab, t.name, 0),),
+                        "copy" if t.shape[0] == dims.vocab else "prune_vocab")]

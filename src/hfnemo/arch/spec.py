@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from hfnemo.arch.config_rules import ConfigRule
 from hfnemo.arch.rules import Dims, Rule
@@ -21,14 +21,17 @@ class ArchSpec:
     # (NeMo config field, config class) pairs: a field's presence selects a config subclass,
     # e.g. scale_factor -> Llama31Config.
     nemo_config_variants: tuple[tuple[str, str], ...] = ()
-    # Transformer Engine modules of one layer that carry _extra_state, in state-dict order.
+    # Transformer Engine modules of one layer that carry _extra_state, in state-dict order, and
+    # those of one expert (MoE: keys get (layer, expert) offsets).
     extra_state: tuple[str, ...] = ()
+    expert_extra_state: tuple[str, ...] = ()
     # HF tensors that hold no weights (buffers some exporters saved); matched by suffix.
     hf_ignore_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
     # HF config fields written on export when the checkpoint carries no original config.json.
     hf_defaults: Mapping[str, Any] = field(default_factory=dict)
-    # HF config fields whose value is derived but that NVIDIA's importer leaves to NeMo defaults.
-    hf_passthrough: tuple[str, ...] = ()
+    # Families whose configs name sizes differently (Falcon, GPT-NeoX) supply their own readers.
+    dims_from_hf: Callable[[Mapping[str, Any], str], Dims] | None = None
+    dims_from_nemo: Callable[[Mapping[str, Any], str], Dims] | None = None
 
 
 def _int(cfg: Mapping[str, Any], key: str, where: str) -> int:
@@ -103,3 +106,11 @@ def carried_hf_keys(spec: ArchSpec) -> set[str]:
     for rule in spec.config_rules:
         keys.update(rule.hf_keys)
     return keys
+
+
+def hf_dims(spec: ArchSpec, cfg: Mapping[str, Any], where: str) -> Dims:
+    return (spec.dims_from_hf or dims_from_hf)(cfg, where)
+
+
+def nemo_dims(spec: ArchSpec, cfg: Mapping[str, Any], where: str) -> Dims:
+    return (spec.dims_from_nemo or dims_from_nemo)(cfg, where)

@@ -413,7 +413,8 @@ _CLASSES = (
         num_layers=56, hidden_size=6144, num_attention_heads=48, ffn_hidden_size=16384,
         max_position_embeddings=4096, seq_length=4096),
 )
-CONFIG_CLASSES: Mapping[str, ConfigClass] = MappingProxyType({c.target: c for c in _CLASSES})
+_REGISTRY: dict[str, ConfigClass] = {c.target: c for c in _CLASSES}
+CONFIG_CLASSES: Mapping[str, ConfigClass] = MappingProxyType(_REGISTRY)  # a live view of _REGISTRY
 
 
 def config_fields(target: str) -> dict[str, object]:
@@ -433,13 +434,25 @@ def is_config_subclass(target: str, base: str) -> bool:
 
 
 # Model constructor arguments besides config/optim/tokenizer, with defaults (model.yaml lists them).
-MODEL_INIT_DEFAULTS: Mapping[str, Mapping[str, object]] = MappingProxyType({
+_MODEL_INIT: dict[str, Mapping[str, object]] = ({
     f"{_GPT}.base.GPTModel": {"model_transform": None, "model_context_managers": ()},
     f"{_GPT}.llama.LlamaModel": {"model_transform": None, "model_context_managers": ()},
     f"{_GPT}.mistral.MistralModel": {"model_transform": None},
     f"{_GPT}.qwen2.Qwen2Model": {"model_transform": None},
     f"{_GPT}.mixtral.MixtralModel": {"model_transform": None},
 })
+MODEL_INIT_DEFAULTS: Mapping[str, Mapping[str, object]] = MappingProxyType(_MODEL_INIT)
+
+
+def register_config_class(cls: ConfigClass, model_init_defaults: Mapping[str, object] | None = None) -> None:
+    """Add a config class (and its model's extra constructor defaults) from an architecture module.
+
+    Families NVIDIA defines (Gemma, Phi-3) and those hfnemo defines (Falcon, GPT-NeoX, Phi-2; see
+    docs/formats.md) register their tables when their arch module is imported."""
+    _REGISTRY[cls.target] = cls
+    if model_init_defaults is not None:
+        _MODEL_INIT[cls.model_target] = MappingProxyType(dict(model_init_defaults))
+
 
 # What MegatronStrategy copies into the model config for a 1-device CPU import
 # (nemo/lightning/_strategy_lib.py set_model_parallel_attributes, ParallelismConfig fields that

@@ -28,7 +28,10 @@ class Budget:
 
 
 def _expand(rule: Rule, dims: Dims) -> list[dict[str, object]]:
-    return [{"l": l} for l in range(dims.num_layers)] if rule.per_layer else [{}]
+    layers = [{"l": l} for l in range(dims.num_layers)] if rule.per_layer else [{}]
+    if rule.per_expert:
+        return [{**f, "e": e} for f in layers for e in range(dims.experts)]
+    return layers
 
 
 def map_tensors(spec: ArchSpec, dims: Dims, sources: Mapping[str, SourceTensor], direction: str,
@@ -148,8 +151,12 @@ def layout_nemo(spec: ArchSpec, dims: Dims, logicals: list[Logical], dtype: str,
     pending.sort(key=lambda it: (order[it.key], it.offsets))
     items = [OutputItem(**{**it.__dict__, "global_shape": (it.global_shape[0], experts[it.key], *it.global_shape[2:])})
              if it.key in experts else it for it in pending]
-    byte_keys = [f"{prefix}decoder.layers.{mod}._extra_state/shard_{l}_{dims.num_layers}"
-                 for l in range(dims.num_layers) for mod in spec.extra_state]
+    L, E = dims.num_layers, dims.experts
+    byte_keys = []
+    for l in range(L):  # per layer: its modules, then each expert's (reference order)
+        byte_keys += [f"{prefix}decoder.layers.{mod}._extra_state/shard_{l}_{L}" for mod in spec.extra_state]
+        byte_keys += [f"{prefix}decoder.layers.{mod}._extra_state/shard_{l}.{e}_{L}.{E}"
+                      for e in range(E) for mod in spec.expert_extra_state]
     byte_files, tensor_files = _split_files(items, byte_keys, n_files)
     items = [OutputItem(**{**it.__dict__, "file": names[f]}) for it, f in zip(items, tensor_files)]
     blobs = [BytesItem(k, EXTRA_STATE_PAYLOAD.hex(), names[f]) for k, f in zip(byte_keys, byte_files)]
