@@ -31,6 +31,11 @@ _U32 = 0xFFFFFFFF
 _FLAGS = 0x0808  # bit 3: data descriptor follows; bit 11: UTF-8 names
 
 
+def _flags(size: int) -> int:
+    # miniz writes an empty record with sizes and CRC in the header (all zero), no descriptor.
+    return 0x0800 if size == 0 else _FLAGS
+
+
 def _local_header(name: bytes, cursor: int, size: int) -> bytes:
     """Local file header + name + extra (zip64 sizes when needed, then FB padding to ALIGN)."""
     zip64 = b""
@@ -45,7 +50,7 @@ def _local_header(name: bytes, cursor: int, size: int) -> bytes:
     pad = -start % ALIGN
     extra = zip64 + b"FB" + struct.pack("<H", pad) + b"Z" * pad
     csize = _U32 if size >= _U32 else 0
-    return struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 0, _FLAGS, 0, 0, 0, 0, csize, csize,
+    return struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 0, _flags(size), 0, 0, 0, 0, csize, csize,
                        len(name), len(extra)) + name + extra
 
 
@@ -64,7 +69,7 @@ def _central_entry(name: bytes, crc: int, size: int, offset: int) -> bytes:
     extra = struct.pack("<HH", 1, len(body)) + body if body else b""
     s32 = _U32 if size >= _U32 else size
     o32 = _U32 if offset >= _U32 else offset
-    return struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 0, 0, _FLAGS, 0, 0, 0, crc, s32, s32,
+    return struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 0, 0, _flags(size), 0, 0, 0, crc, s32, s32,
                        len(name), len(extra), 0, 0, 0, 0, o32) + name + extra
 
 
@@ -157,8 +162,6 @@ class ArchiveWriter:
         self.data_size = data_size
         self._data_done = 0
         self._data_crc = 0
-        if data_size == 0:
-            data_size = None  # torch.save writes no storage record for an empty tensor
         if data_size is not None:
             self._open(b"data/0", data_size)
 
@@ -175,7 +178,8 @@ class ArchiveWriter:
         self._emit(_local_header(self._record_name, self.pos, size))
 
     def _close(self, crc: int, size: int) -> None:
-        self._emit(_descriptor(crc, size))
+        if size:
+            self._emit(_descriptor(crc, size))
         self.central.append(_central_entry(self._record_name, crc, size, self._record_offset))
         self._crcs.append(crc)
 
