@@ -254,7 +254,7 @@ def _write_import_extras(job: _Job, staging: Path) -> None:
     has_tok = any((job.src / n).is_file() for n in hfio.TOKENIZER_FILES)
     write_context(staging / "context", model_target=_ref(spec.nemo_model), config_target=_ref(target),
                   config_args=config_args, tokenizer_dir=job.src if has_tok else None,
-                  generation_config=generation)
+                  generation_config=generation, tokenizer_args=list(spec.tokenizer_args))
     (staging / "context" / "artifacts").mkdir(exist_ok=True)
     shutil.copyfile(cfg.path, staging / "context" / HF_CONFIG_SIDECAR)
 

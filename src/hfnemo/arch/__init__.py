@@ -10,6 +10,15 @@ from hfnemo.errors import UnsupportedArchitecture
 ARCH_TABLE: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("hfnemo.arch.llama", "LLAMA"),
     "MistralForCausalLM": ("hfnemo.arch.llama", "MISTRAL"),
+    "MixtralForCausalLM": ("hfnemo.arch.mixtral", "MIXTRAL"),
+    "Qwen2ForCausalLM": ("hfnemo.arch.qwen2", "QWEN2"),  # also Qwen1.5 and Qwen2.5
+    # hfnemo-defined layouts (docs/formats.md): NeMo 2 has no model for these three.
+    "FalconForCausalLM": ("hfnemo.arch.falcon", "FALCON"),
+    "GPTNeoXForCausalLM": ("hfnemo.arch.gptneox", "GPTNEOX"),  # also Pythia
+    "PhiForCausalLM": ("hfnemo.arch.phi2", "PHI2"),  # Phi-1.5 and Phi-2
+    "GemmaForCausalLM": ("hfnemo.arch.gemma", "GEMMA"),  # also CodeGemma
+    "Gemma2ForCausalLM": ("hfnemo.arch.gemma", "GEMMA2"),
+    "Phi3ForCausalLM": ("hfnemo.arch.phi3", "PHI3"),  # Phi-3, Phi-3.5-mini, Phi-4-mini (without longrope)
 }
 
 # NeMo model class (model.yaml `_target_`'s last component) -> HF architecture.
@@ -19,6 +28,15 @@ NEMO_MODELS: dict[str, str] = {
     "Llama32Model": "LlamaForCausalLM",
     "CodeLlamaModel": "LlamaForCausalLM",
     "MistralModel": "MistralForCausalLM",
+    "MixtralModel": "MixtralForCausalLM",
+    "Qwen2Model": "Qwen2ForCausalLM",
+    # hfnemo.nemo.* targets (docs/formats.md)
+    "FalconModel": "FalconForCausalLM",
+    "GPTNeoXModel": "GPTNeoXForCausalLM",
+    "Phi2Model": "PhiForCausalLM",
+    "GemmaModel": "GemmaForCausalLM",
+    "Gemma2Model": "Gemma2ForCausalLM",
+    "Phi3Model": "Phi3ForCausalLM",
 }
 
 

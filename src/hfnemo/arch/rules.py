@@ -56,7 +56,7 @@ def _size(dims: Dims, sym: str | int) -> int:
     if isinstance(sym, int):
         return sym
     return {
-        "V": dims.vocab, "Vp": dims.nemo_vocab, "H": dims.hidden, "F": dims.ffn, "2F": 2 * dims.ffn,
+        "V": dims.vocab, "Vp": dims.nemo_vocab, "H": dims.hidden, "E": dims.experts, "F": dims.ffn, "2F": 2 * dims.ffn,
         "Q": dims.heads * dims.head_dim, "KV": dims.groups * dims.head_dim,
         "QKV": (dims.heads + 2 * dims.groups) * dims.head_dim,
     }[sym]

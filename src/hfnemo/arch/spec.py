@@ -29,6 +29,8 @@ class ArchSpec:
     hf_ignore_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
     # HF config fields written on export when the checkpoint carries no original config.json.
     hf_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # AutoTokenizer arguments NVIDIA's importer records in io.json/model.yaml (Qwen: trust_remote_code).
+    tokenizer_args: tuple[tuple[str, Any], ...] = ()
     # Families whose configs name sizes differently (Falcon, GPT-NeoX) supply their own readers.
     dims_from_hf: Callable[[Mapping[str, Any], str], Dims] | None = None
     dims_from_nemo: Callable[[Mapping[str, Any], str], Dims] | None = None
