@@ -12,7 +12,7 @@ from hfnemo.errors import CorruptCheckpoint
 from hfnemo.io.nemo_configs import BF16, CONFIG_CLASSES, SILU, STRATEGY_CONFIG_ARGS, config_fields
 from hfnemo.io.nemo_context import PyRef, _snake, read_context, write_context
 
-REF = Path("/work/shared/reference")
+REF = Path(__file__).resolve().parent / "data" / "nvidia"  # copied from ../shared/reference
 _GPT = "nemo.collections.llm.gpt.model"
 
 # The importer's kwargs for each reference hf/config.json, in the importer's own order (write_context
