@@ -103,13 +103,6 @@ def nemo_to_hf_config(spec: ArchSpec, nemo: Mapping[str, Any], base: Mapping[str
     return out
 
 
-def carried_hf_keys(spec: ArchSpec) -> set[str]:
-    keys: set[str] = set()
-    for rule in spec.config_rules:
-        keys.update(rule.hf_keys)
-    return keys
-
-
 def hf_dims(spec: ArchSpec, cfg: Mapping[str, Any], where: str) -> Dims:
     return (spec.dims_from_hf or dims_from_hf)(cfg, where)
 
