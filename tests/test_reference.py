@@ -164,3 +164,20 @@ def test_model_yaml_config_fields(tiny_hf_factory, tmp_path: Path) -> None:
     c = conf("llama31_rope")
     assert c["_target_"].endswith("Llama31Config") and c["scale_factor"] == 8.0 and c["rotary_base"] == 500000.0
     assert c["vocab_size"] == 1031 and c["make_vocab_size_divisible_by"] == 1  # 1031 is prime: no padding
+
+
+@pytest.mark.parametrize("model", ["gemma", "phi3", "llama"])
+def test_export_with_io_json_only(tmp_path: Path, model: str) -> None:
+    """A checkpoint whose context/ lost model.yaml exports from io.json alone (fresh process, so the
+    family's config classes are registered on demand, not by an earlier test's import)."""
+    import shutil
+    import subprocess
+    import sys
+    nemo = tmp_path / "nemo"
+    shutil.copytree(REF / model / "nemo", nemo)
+    (nemo / "context" / "model.yaml").unlink()
+    r = subprocess.run([sys.executable, "-m", "hfnemo", "export", str(nemo), str(tmp_path / "hf"), "--quiet"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    a, b = load_hf_state(REF / model / "hf"), load_hf_state(tmp_path / "hf")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -151,12 +151,17 @@ def _sidecar_sizes(src: Path) -> dict[str, Any]:
 
 
 def _plan_export(src: Path, dtype: str, budget: Budget, max_shard: int) -> _Job:
-    ctx = read_context(src / "context")
-    spec = spec_for_nemo_model(ctx.model_target, where=str(src / "context" / "model.yaml"))
     where = str(src / "context" / "model.yaml")
-    dims = nemo_dims(spec, {**ctx.config, **_sidecar_sizes(src)}, where)
+    ctx = read_context(src / "context", on_model_target=lambda t: spec_for_nemo_model(t, where=where))
+    spec = spec_for_nemo_model(ctx.model_target, where=where)
     index = read_index(src / "weights")
     sources, _prefix = dcp_sources(index)
+    emb = sources.get("embedding.word_embeddings.weight")
+    # Sizes model.yaml may leave null (vocab_size: NVIDIA's Mixtral/Gemma/Phi-3 importers) come from
+    # the source config.json hfnemo kept, else from the stored embedding.
+    extra = {**_sidecar_sizes(src), **({"embedding_rows": emb.shape[0]} if emb is not None and emb.shape else {})}
+    nemo_cfg = {**ctx.config, **extra, "_target_": ctx.config_target}
+    dims = nemo_dims(spec, nemo_cfg, where)
     logicals = map_tensors(spec, dims, sources, "nemo_to_hf", str(src / "weights"))
     items, files = layout_hf(logicals, dtype, max_shard)
     base, dialect = None, "4"
@@ -164,7 +169,7 @@ def _plan_export(src: Path, dtype: str, budget: Budget, max_shard: int) -> _Job:
     if sidecar.is_file():
         norm = hfio.normalise_config(hfio.read_json(sidecar, "hf_config.json"), str(sidecar))
         base, dialect = norm.data, norm.dialect
-    hf_cfg = nemo_to_hf_config(spec, {**ctx.config, "_target_": ctx.config_target}, base, where)
+    hf_cfg = nemo_to_hf_config(spec, nemo_cfg, base, where)
     if dtype != "auto":
         hf_cfg["torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
     if not base and ctx.generation_config:

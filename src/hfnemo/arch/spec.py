@@ -67,7 +67,9 @@ def dims_from_nemo(cfg: Mapping[str, Any], where: str) -> Dims:
     if heads % groups:
         raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_query_groups={groups}",
                           file=where, fix="fix num_query_groups in model.yaml")
-    vocab = cfg.get("vocab_size")
+    # vocab_size: null (left to the tokenizer by some NVIDIA importers): the source config.json
+    # hfnemo kept, else the stored embedding's rows (unpadded families only; Mixtral pads).
+    vocab = cfg.get("vocab_size") or cfg.get("hf_vocab_size") or cfg.get("embedding_rows")
     if not vocab:
         raise ConfigError("model.yaml has no vocab_size", file=where,
                           fix="set config.vocab_size in context/model.yaml to the tokenizer's model vocab size")

@@ -299,14 +299,17 @@ class NemoContext:
     tokenizer_dir: Path | None
 
 
-def read_context(ctx_dir: Path) -> NemoContext:
-    """Read `context/`: model.yaml (or, without it, io.json over the class defaults) and artifacts."""
+def read_context(ctx_dir: Path, on_model_target: Callable[[str], object] | None = None) -> NemoContext:
+    """Read `context/`: model.yaml (or, without it, io.json over the class defaults) and artifacts.
+
+    ``on_model_target`` is called with the model class before class defaults are looked up, so that
+    the caller can load the architecture module that registers its config classes."""
     ctx_dir = Path(ctx_dir)
     yaml_path, json_path = ctx_dir / "model.yaml", ctx_dir / "io.json"
     if yaml_path.is_file():
         model_target, config_target, config = _from_model_yaml(yaml_path)
     elif json_path.is_file():
-        model_target, config_target, config = _from_io_json(json_path)
+        model_target, config_target, config = _from_io_json(json_path, on_model_target)
     else:
         raise CorruptCheckpoint("NeMo context has neither model.yaml nor io.json", file=ctx_dir,
                                 fix="point at a NeMo 2 checkpoint directory (it holds context/ and weights/)")
@@ -355,7 +358,7 @@ def _from_model_yaml(path: Path) -> tuple[str, str, dict]:
     return doc["_target_"], config.pop("_target_"), config
 
 
-def _from_io_json(path: Path) -> tuple[str, str, dict]:
+def _from_io_json(path: Path, on_model_target: Callable[[str], object] | None = None) -> tuple[str, str, dict]:
     """Model/config classes and the config (class defaults overlaid with the explicit arguments)."""
     try:
         doc = json.loads(path.read_text())
@@ -366,6 +369,8 @@ def _from_io_json(path: Path) -> tuple[str, str, dict]:
         args = {name: _io_value(objects, v, 0) for name, v in _io_items(config)}
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
         raise CorruptCheckpoint(f"io.json is not a NeMo TrainerContext: {e!r}", file=path) from None
+    if on_model_target is not None:
+        on_model_target(model_target)
     if config_target not in CONFIG_CLASSES:
         raise CorruptCheckpoint(f"model.yaml is missing and config class {config_target} is not known",
                                 file=path, fix="restore context/model.yaml from the original checkpoint")
