@@ -151,7 +151,9 @@ def _plan(args: argparse.Namespace) -> int:
         summary["items"] = [{"key": it.key, "offsets": list(it.offsets), "shape": list(it.shape), "dtype": it.dtype,
                              "transform": it.transform, "file": it.file, "bytes": it.nbytes,
                              "sources": sorted({s.source for s in it.segments if s.source})} for it in p.items]
-        print(json.dumps(summary, default=str))
+        from hfnemo.plan.plan import json_default
+
+        print(json.dumps(summary, default=json_default))
         return 0
     w = sys.stdout.write
     w(f"{p.direction} ({p.arch}): {len(p.items)} output tensors, read {p.read_bytes / 1e9:.3f} GB, "

@@ -11,6 +11,12 @@ import json
 from dataclasses import asdict, dataclass, field
 
 
+def json_default(obj: object) -> object:
+    """Config values that are Python references (PyRef: activation functions, dtypes) print as
+    their dotted target, as model.yaml spells them."""
+    return getattr(obj, "target", None) or str(obj)
+
+
 @dataclass(frozen=True)
 class Segment:
     """Output rows ``[out_row, out_row+rows)`` come from ``source`` rows ``[src_row, src_row+rows)``."""
@@ -96,4 +102,4 @@ class Plan:
         return sum(i.nbytes for i in self.items)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=False, default=str)
+        return json.dumps(asdict(self), indent=1, sort_keys=False, default=json_default)
