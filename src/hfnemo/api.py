@@ -31,7 +31,7 @@ from hfnemo.io.nemo_context import read_context, write_context
 from hfnemo.memory import current_rss, peak_rss
 from hfnemo.memwatch import parse_size
 from hfnemo.plan.plan import Plan
-from hfnemo.plan.planner import Budget, budget_plan, layout_hf, layout_nemo, map_tensors
+from hfnemo.plan.planner import Budget, budget_plan, check_layout, layout_hf, layout_nemo, map_tensors
 
 DEFAULT_MAX_MEMORY = 2 << 30
 DEFAULT_MAX_SHARD = 5_000_000_000
@@ -117,7 +117,7 @@ class _Job:
     extra: dict[str, Any]
 
 
-def _plan_import(src: Path, dtype: str, budget: Budget) -> _Job:
+def _plan_import(src: Path, dtype: str, budget: Budget, tp: int = 1, pp: int = 1, ep: int = 1) -> _Job:
     cfg = hfio.read_config(src)
     arch = (cfg.data.get("architectures") or [None])[0]
     if not arch:
@@ -125,18 +125,25 @@ def _plan_import(src: Path, dtype: str, budget: Budget) -> _Job:
                           fix='add "architectures": ["LlamaForCausalLM"] (or the right class) to config.json')
     spec = get_spec(arch, where=cfg.path)
     dims = hf_dims(spec, cfg.data, cfg.path)
+    check_layout(dims, tp, pp, ep)
     tensors = hfio.scan_weights(src)
     sources = hf_sources(tensors)
     logicals = map_tensors(spec, dims, sources, "hf_to_nemo", str(src))
-    items, blobs, files = layout_nemo(spec, dims, logicals, dtype)
+    items, blobs, files = layout_nemo(spec, dims, logicals, dtype, tp=tp)
     target, nemo_args = hf_to_nemo_config(spec, cfg.data, cfg.path)
+    # The layout the chunks were cut for (TP=PP=EP=1 stays NVIDIA's importer's config exactly).
+    for key, n in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+                   ("expert_model_parallel_size", ep)):
+        if n > 1:
+            nemo_args[key] = n
     if dtype != "auto":
         from hfnemo.arch.config_rules import ParamsDType
         ParamsDType().to_nemo({"torch_dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]},
                               nemo_args, cfg.path)
     plan = Plan(direction="hf_to_nemo", arch=spec.name, source=str(src), dtype=dtype,
                 sources=tuple(sources.values()), items=tuple(items), byte_items=tuple(blobs), files=tuple(files),
-                config={"_target_": target, **nemo_args}, budget=budget_plan(items, sources, budget))
+                config={"_target_": target, **nemo_args}, budget=budget_plan(items, sources, budget),
+                layout={"tp": tp, "pp": pp, "ep": ep})
     return _Job(plan, RowReader(), src, {"spec": spec, "hf": cfg, "dims": dims})
 
 
@@ -183,7 +190,7 @@ def _plan_export(src: Path, dtype: str, budget: Budget, max_shard: int) -> _Job:
 
 
 def _job(src: str | Path, to: str | None, dtype: str | None, max_memory: int | str | None,
-         max_shard_size: int | str | None) -> _Job:
+         max_shard_size: int | str | None, tp: int = 1, pp: int = 1, ep: int = 1) -> _Job:
     path = Path(src).expanduser()
     if not path.exists():
         raise UsageError(f"{path} does not exist", file=path, fix="check the path")
@@ -195,14 +202,15 @@ def _job(src: str | Path, to: str | None, dtype: str | None, max_memory: int | s
                          fix="use `hfnemo import` for HF -> NeMo and `hfnemo export` for NeMo -> HF")
     budget = Budget(max_memory=_size(max_memory, DEFAULT_MAX_MEMORY, "--max-memory"), baseline=current_rss())
     if kind == "hf":
-        return _plan_import(path, _dtype(dtype), budget)
+        return _plan_import(path, _dtype(dtype), budget, tp, pp, ep)
     return _plan_export(path, _dtype(dtype), budget, _size(max_shard_size, DEFAULT_MAX_SHARD, "--max-shard-size"))
 
 
 def plan(src: str | Path, *, to: str | None = None, dtype: str | None = "auto",
-         max_memory: int | str | None = None, max_shard_size: int | str | None = None) -> Plan:
+         max_memory: int | str | None = None, max_shard_size: int | str | None = None,
+         tp: int = 1, pp: int = 1, ep: int = 1) -> Plan:
     """The dry run: every output tensor, its sources and transform, bytes and memory. Writes nothing."""
-    job = _job(src, to, dtype, max_memory, max_shard_size)
+    job = _job(src, to, dtype, max_memory, max_shard_size, tp, pp, ep)
     job.reader.close()
     return job.plan
 
@@ -325,9 +333,22 @@ def _write_export_extras(job: _Job, staging: Path) -> None:
         hfio.copy_tokenizer(ctx.tokenizer_dir, staging)
 
 
+def _kernels(device: str, threads: int | None):
+    from hfnemo.kernels import get_backend
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device {device!r}", fix="use auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is visible", fix="use --device cpu (or auto)")
+    # The streaming executor stages through host memory; its kernels are the CPU ones. The CUDA
+    # path (hfnemo.exec.gpu) serves in-memory conversion onto the GPU.
+    return get_backend("auto", device="cpu", threads=threads)
+
+
 def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: str | None = "auto",
             max_memory: int | str | None = None, max_shard_size: int | str | None = None,
-            overwrite: bool = False, progress: ProgressFn | None = None) -> Report:
+            overwrite: bool = False, progress: ProgressFn | None = None, tp: int = 1, pp: int = 1,
+            ep: int = 1, device: str = "auto", threads: int | None = None) -> Report:
     """Convert ``src`` (HF directory or NeMo 2 checkpoint) into ``dst``, streaming within ``max_memory``.
 
     Args:
@@ -339,14 +360,19 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
         max_shard_size: HF output shard size (default 5GB).
         overwrite: replace an existing dst.
         progress: called with (bytes_done, bytes_total) after each block.
+        tp, pp, ep: NeMo output cut into the chunks Megatron reads at this tensor/pipeline/expert
+            parallelism (checked against heads, layers and experts before anything is written).
+        device: "auto", "cpu" or "cuda": where kernels (casts, column cuts) run.
+        threads: CPU kernel threads.
 
     Returns:
         A Report with byte counts, time and peak memory.
     """
     t0 = time.perf_counter()
     dst = Path(dst).expanduser()
-    job = _job(src, to, dtype, max_memory, max_shard_size)
+    job = _job(src, to, dtype, max_memory, max_shard_size, tp, pp, ep)
     plan = job.plan
+    kernels = _kernels(device, threads)
     try:
         _check_output(job.src, dst, overwrite)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -362,7 +388,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             if plan.direction == "hf_to_nemo":
                 sink = DcpSink(plan, staging / "weights")
                 try:
-                    execute(plan, job.reader, sink, progress=progress)
+                    execute(plan, job.reader, sink, progress=progress, kernels=kernels)
                     sink.finish(checkpoint_id=str(dst / "weights"))
                 except BaseException:
                     sink.abort()
@@ -371,7 +397,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             else:
                 hsink = SafetensorsSink(plan, staging)
                 try:
-                    execute(plan, job.reader, hsink, progress=progress)
+                    execute(plan, job.reader, hsink, progress=progress, kernels=kernels)
                     hsink.finish()
                 except BaseException:
                     hsink.abort()

@@ -46,6 +46,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary on stderr")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks and details")
+    p.add_argument("--tp", type=int, default=1, help="NeMo output: tensor-parallel size to cut chunks for")
+    p.add_argument("--pp", type=int, default=1, help="NeMo output: pipeline-parallel size (checked)")
+    p.add_argument("--ep", type=int, default=1, help="NeMo output: expert-parallel size (checked)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where kernels run")
+    p.add_argument("--threads", type=int, default=None, help="CPU kernel threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +95,8 @@ def _run_convert(args: argparse.Namespace, src: str, dst: str, to: str) -> int:
     update, close = _progress(not args.quiet and sys.stderr.isatty())
     try:
         report = convert(src, dst, to=to, dtype=args.dtype, max_memory=args.max_memory,
-                         max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=update)
+                         max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=update,
+                         tp=args.tp, pp=args.pp, ep=args.ep, device=args.device, threads=args.threads)
     finally:
         close()
     if args.json:
@@ -136,7 +142,8 @@ def _llm(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from hfnemo.api import plan
 
-    p = plan(args.src, to=args.to, dtype=args.dtype, max_memory=args.max_memory, max_shard_size=args.max_shard_size)
+    p = plan(args.src, to=args.to, dtype=args.dtype, max_memory=args.max_memory, max_shard_size=args.max_shard_size,
+             tp=args.tp, pp=args.pp, ep=args.ep)
     out_dir = Path(args.out) if args.out else Path(args.src).resolve().parent
     while not out_dir.exists():
         out_dir = out_dir.parent
@@ -216,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         return e.exit_code
+    except BrokenPipeError:  # `hfnemo plan ... | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("hfnemo: interrupted; no output was published (the source is untouched)", file=sys.stderr)
         return 130

@@ -13,7 +13,9 @@ import torch
 
 from hfnemo.dtypes import BY_NAME
 from hfnemo.exec.sources import RowReader
+from hfnemo.kernels import Backend, get_backend
 from hfnemo.plan.plan import OutputItem, Plan, SourceTensor
+from hfnemo.plan.planner import source_row_bytes, widest_row
 
 
 class Sink(Protocol):
@@ -36,18 +38,18 @@ class _Block:
 
 
 class _Slot:
-    """One in-flight block's buffers: output bytes, and staging bytes in the source dtype."""
+    """One in-flight block's buffers: output bytes, staging bytes (source dtype, or whole source
+    rows a column window is cut from), and a second staging buffer to cut then cast."""
 
-    def __init__(self, block_bytes: int, staging: bool) -> None:
+    def __init__(self, block_bytes: int, n_buffers: int) -> None:
         self.out = torch.empty(block_bytes, dtype=torch.uint8)
-        self.stage = torch.empty(block_bytes, dtype=torch.uint8) if staging else None
+        self.stage = torch.empty(block_bytes, dtype=torch.uint8) if n_buffers > 1 else None
+        self.stage2 = torch.empty(block_bytes, dtype=torch.uint8) if n_buffers > 2 else None
 
 
 def _blocks(items: tuple[OutputItem, ...], sources: dict[str, SourceTensor], block_bytes: int) -> Iterator[_Block]:
     for idx, it in enumerate(items):
-        widest = it.row_elems * max([BY_NAME[it.dtype].itemsize] +
-                                    [BY_NAME[sources[s.source].dtype].itemsize for s in it.segments if s.source])
-        step = max(1, block_bytes // max(widest, 1))
+        step = max(1, block_bytes // max(widest_row(it, sources), 1))
         if it.rows == 0:
             yield _Block(it, idx, 0, 0, True, True)
             continue
@@ -56,8 +58,11 @@ def _blocks(items: tuple[OutputItem, ...], sources: dict[str, SourceTensor], blo
             yield _Block(it, idx, r0, r1, r0 == 0, r1 == it.rows)
 
 
-def _fill(block: _Block, slot: _Slot, reader: RowReader, sources: dict[str, SourceTensor]) -> int:
-    """Produce output rows [r0, r1) of the block's item into slot.out; returns the byte count."""
+def _fill(block: _Block, slot: _Slot, reader: RowReader, sources: dict[str, SourceTensor], kernels: Backend) -> int:
+    """Produce output rows [r0, r1) of the block's item into slot.out; returns the byte count.
+
+    Whole-row segments are read straight into place (pread is the gather); a dtype change reads
+    into staging and casts; a column window (row-parallel shard) reads whole rows and cuts."""
     it = block.item
     out_dt = BY_NAME[it.dtype]
     row_bytes = it.row_elems * out_dt.itemsize
@@ -71,25 +76,34 @@ def _fill(block: _Block, slot: _Slot, reader: RowReader, sources: dict[str, Sour
             slot.out[lo:hi].zero_()
             continue
         src = sources[seg.source]
-        s0 = seg.src_row + a - seg.out_row
-        if src.dtype == it.dtype:
-            reader.read_rows(src, s0, s0 + (b - a), memoryview(out)[lo:hi])
-        else:
-            src_dt = BY_NAME[src.dtype]
-            n = (b - a) * it.row_elems * src_dt.itemsize
-            reader.read_rows(src, s0, s0 + (b - a), memoryview(slot.stage.numpy())[:n])
-            # torch's copy_ rounds to nearest even, like every reference converter's .to(dtype).
-            slot.out[lo:hi].view(out_dt.torch).copy_(slot.stage[:n].view(src_dt.torch))
+        src_dt = BY_NAME[src.dtype]
+        s0, n_rows = seg.src_row + a - seg.out_row, b - a
+        if src.dtype == it.dtype and not seg.cols:
+            reader.read_rows(src, s0, s0 + n_rows, memoryview(out)[lo:hi])
+            continue
+        full = n_rows * source_row_bytes(it, seg, sources)
+        reader.read_rows(src, s0, s0 + n_rows, memoryview(slot.stage.numpy())[:full])
+        staged = slot.stage
+        if seg.cols:
+            width = seg.cols * src_dt.itemsize
+            target = slot.out[lo:hi] if src.dtype == it.dtype else slot.stage2
+            kernels.slice_cols(target, slot.stage, n_rows, full // n_rows, seg.col * src_dt.itemsize, width)
+            if src.dtype == it.dtype:
+                continue
+            staged = slot.stage2
+        n = n_rows * it.row_elems * src_dt.itemsize
+        kernels.cast(slot.out[lo:hi].view(out_dt.torch), staged[:n].view(src_dt.torch))
     return (block.r1 - block.r0) * row_bytes
 
 
-def execute(plan: Plan, reader: RowReader, sink: Sink, *, progress: Progress | None = None) -> dict[str, float]:
+def execute(plan: Plan, reader: RowReader, sink: Sink, *, progress: Progress | None = None,
+            kernels: Backend | None = None) -> dict[str, float]:
     """Run every item of the plan through ``sink``; returns timing counters."""
+    kernels = kernels or get_backend("auto")
     sources = {s.name: s for s in plan.sources}
     block_bytes = int(plan.budget["block_bytes"])
     depth = int(plan.budget["depth"])
-    staging = int(plan.budget["buffers_per_slot"]) > 1
-    slots = [_Slot(block_bytes, staging) for _ in range(depth)]
+    slots = [_Slot(block_bytes, int(plan.budget["buffers_per_slot"])) for _ in range(depth)]
     free = deque(range(depth))
     total = plan.write_bytes
     done = 0
@@ -120,7 +134,7 @@ def execute(plan: Plan, reader: RowReader, sink: Sink, *, progress: Progress | N
                 if not free:
                     drain_one()
                 slot_id = free.popleft()
-                inflight.append((block, slot_id, pool.submit(_fill, block, slots[slot_id], reader, sources)))
+                inflight.append((block, slot_id, pool.submit(_fill, block, slots[slot_id], reader, sources, kernels)))
             while inflight:
                 drain_one()
         finally:

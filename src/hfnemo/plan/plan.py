@@ -25,6 +25,10 @@ class Segment:
     rows: int
     source: str | None  # logical source tensor name; None means zero fill (vocab padding)
     src_row: int = 0
+    # Column window of each source row, in elements of the row (0 cols: the whole row). Row-parallel
+    # tensor-parallel shards (linear_proj, linear_fc2) cut columns out of full source rows.
+    col: int = 0
+    cols: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class Plan:
     byte_items: tuple[BytesItem, ...]
     files: tuple[str, ...]  # output data files in write order
     config: dict = field(default_factory=dict)  # target config (HF config.json or NeMo model config)
+    layout: dict = field(default_factory=dict)  # parallel layout written: {"tp": 1, "pp": 1, "ep": 1}
     budget: dict = field(default_factory=dict)  # memory budget arithmetic
     notes: tuple[str, ...] = ()
 

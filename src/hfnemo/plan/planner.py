@@ -8,7 +8,7 @@ from typing import Mapping
 from hfnemo.arch.rules import Dims, Logical, Rule, TiedOutput
 from hfnemo.arch.spec import ArchSpec
 from hfnemo.dtypes import BY_NAME, FLOAT_DTYPES
-from hfnemo.errors import BudgetExceeded, UnmappedTensors
+from hfnemo.errors import BudgetExceeded, UnmappedTensors, UsageError
 from hfnemo.io.torchzip import archive_bytes, object_pickle
 from hfnemo.plan.plan import BytesItem, OutputItem, Plan, Segment, SourceTensor
 
@@ -88,13 +88,65 @@ def _row_elems(shape: tuple[int, ...]) -> int:
     return n
 
 
+# Megatron's tensor-parallel split of each NeMo tensor (spec §3.3, make_sharded_tensors_for_checkpoint):
+# column-parallel linears and the vocab-parallel embedding/output split rows (dim 0 of the layer's
+# tensor); row-parallel linears split columns (dim 1); norms, routers and row-parallel biases are
+# replicated. Row splits (GLU halves) are split per half, as apply_swiglu_sharded_factory does.
+_TP_SPLIT = (
+    (re.compile(r"(^|\.)linear_(qkv|fc1)\.(weight|bias)$"), "rows"),
+    (re.compile(r"^(embedding\.word_embeddings|output_layer)\.(weight|bias)$"), "rows"),
+    (re.compile(r"(^|\.)linear_(proj|fc2)\.weight$"), "cols"),
+)
+
+
+def tp_split_kind(name: str) -> str | None:
+    """'rows', 'cols' or None (replicated) for a logical NeMo tensor name."""
+    for pattern, kind in _TP_SPLIT:
+        if pattern.search(name):
+            return kind
+    return None
+
+
+def check_layout(dims: Dims, tp: int, pp: int, ep: int) -> None:
+    """Megatron's divisibility rules, checked before anything is written."""
+    problems = []
+    for flag, n in (("--tp", tp), ("--pp", pp), ("--ep", ep)):
+        if n < 1:
+            problems.append(f"{flag} {n} must be at least 1")
+    if problems:
+        raise UsageError("; ".join(problems), fix="use positive parallel sizes")
+    if dims.groups % tp:
+        problems.append(f"--tp {tp} does not divide the {dims.groups} query groups (key/value heads)")
+    if dims.heads % tp:
+        problems.append(f"--tp {tp} does not divide the {dims.heads} attention heads")
+    if dims.ffn % tp:
+        problems.append(f"--tp {tp} does not divide ffn size {dims.ffn}")
+    if dims.nemo_vocab % tp:
+        problems.append(f"--tp {tp} does not divide the vocabulary ({dims.nemo_vocab} rows)")
+    if dims.num_layers % pp:
+        problems.append(f"--pp {pp} does not divide the {dims.num_layers} layers")
+    if ep > 1 and not dims.experts:
+        problems.append(f"--ep {ep} needs a mixture-of-experts model (this one is dense)")
+    elif dims.experts and dims.experts % ep:
+        problems.append(f"--ep {ep} does not divide the {dims.experts} experts")
+    if problems:
+        raise UsageError("invalid parallel layout: " + "; ".join(problems),
+                         fix="choose --tp dividing the kv heads, ffn and vocab, --pp dividing the layers, "
+                             "--ep dividing the experts")
+
+
+def _cols(segs: tuple[Segment, ...], col: int, cols: int) -> tuple[Segment, ...]:
+    return tuple(Segment(s.out_row, s.rows, s.source, s.src_row, col if s.source else 0, cols if s.source else 0)
+                 for s in segs)
+
+
 def _slice(segs: tuple[Segment, ...], r0: int, r1: int) -> tuple[Segment, ...]:
     """The segments covering output rows [r0, r1), rebased to start at 0."""
     out = []
     for s in segs:
         a, b = max(r0, s.out_row), min(r1, s.out_row + s.rows)
         if a < b:
-            out.append(Segment(a - r0, b - a, s.source, s.src_row + a - s.out_row if s.source else 0))
+            out.append(Segment(a - r0, b - a, s.source, s.src_row + a - s.out_row if s.source else 0, s.col, s.cols))
     return tuple(out)
 
 
@@ -115,8 +167,9 @@ EXTRA_STATE_PAYLOAD = archive_bytes(object_pickle([None]))  # what a non-FP8 run
 
 
 def layout_nemo(spec: ArchSpec, dims: Dims, logicals: list[Logical], dtype: str, *, prefix: str = "module.",
-                n_files: int = 2) -> tuple[list[OutputItem], list[BytesItem], list[str]]:
-    """Stack per-layer tensors on a leading axis, one chunk per layer (two for GLU fc1)."""
+                n_files: int = 2, tp: int = 1) -> tuple[list[OutputItem], list[BytesItem], list[str]]:
+    """Stack per-layer tensors on a leading axis, one chunk per layer (two for GLU fc1) and per
+    tensor-parallel rank: each rank then reads exactly its own chunks."""
     names = [f"__0_{i}.distcp" for i in range(n_files)]
     pending: list[OutputItem] = []
     for lg in logicals:
@@ -131,14 +184,28 @@ def layout_nemo(spec: ArchSpec, dims: Dims, logicals: list[Logical], dtype: str,
                                      if m else (lg.name, (), ()))
         out_dtype = _out_dtype(dtype, lg.dtype)
         rows = lg.shape[0] if lg.shape else 1
+        kind = tp_split_kind(lg.name) if tp > 1 else None
         bounds = [0, *lg.row_splits, rows]
+        if kind == "rows":  # each GLU half (or the whole tensor) in tp equal row blocks
+            bounds = [0] + [a + (b - a) * (i + 1) // tp for a, b in zip(bounds, bounds[1:]) for i in range(tp)]
+        col_windows = [(0, 0)]
+        if kind == "cols":
+            width = lg.shape[1] // tp
+            col_windows = [(r * width, width) for r in range(tp)]
         for r0, r1 in zip(bounds, bounds[1:]):
-            chunk_shape = (1,) * len(lead) + ((r1 - r0, *lg.shape[1:]) if lg.shape else ())
-            pending.append(OutputItem(
-                key=prefix + key, shape=chunk_shape, dtype=out_dtype, rows=r1 - r0, row_elems=_row_elems(lg.shape),
-                segments=_slice(lg.segments, r0, r1), transform=lg.transform, file="",
-                offsets=lead + ((r0,) + (0,) * (len(lg.shape) - 1) if lg.shape else ()),
-                global_shape=lead_shape + tuple(lg.shape)))
+            for col, cols in col_windows:
+                tail = tuple(lg.shape[1:])
+                if cols:
+                    tail = (cols, *tail[1:])
+                chunk_shape = (1,) * len(lead) + ((r1 - r0, *tail) if lg.shape else ())
+                segs = _slice(lg.segments, r0, r1)
+                pending.append(OutputItem(
+                    key=prefix + key, shape=chunk_shape, dtype=out_dtype, rows=r1 - r0,
+                    row_elems=_row_elems((0, *tail)) if lg.shape else 1,
+                    segments=_cols(segs, col, cols) if cols else segs, transform=lg.transform, file="",
+                    offsets=lead + ((r0, col) + (0,) * (len(lg.shape) - 2) if cols else
+                                    (r0,) + (0,) * (len(lg.shape) - 1) if lg.shape else ()),
+                    global_shape=lead_shape + tuple(lg.shape)))
     # Global shapes of stacked expert tensors need the expert count, known only now.
     experts = {}
     for it in pending:
@@ -188,15 +255,24 @@ def layout_hf(logicals: list[Logical], dtype: str, max_shard_size: int) -> tuple
     return items, files
 
 
+def source_row_bytes(it: OutputItem, seg: Segment, sources: Mapping[str, SourceTensor]) -> int:
+    """Bytes of one source row a segment reads: whole source rows when it cuts a column window."""
+    src = sources[seg.source]
+    return (_row_elems(src.shape) if seg.cols else it.row_elems) * BY_NAME[src.dtype].itemsize
+
+
+def widest_row(it: OutputItem, sources: Mapping[str, SourceTensor]) -> int:
+    return max([it.row_elems * BY_NAME[it.dtype].itemsize] +
+               [source_row_bytes(it, s, sources) for s in it.segments if s.source])
+
+
 def budget_plan(items: list[OutputItem], sources: Mapping[str, SourceTensor], budget: Budget) -> dict[str, int]:
     """Block size and buffer count so that baseline + buffers stays under max_memory."""
     casting = any(sources[s.source].dtype != it.dtype for it in items for s in it.segments if s.source)
-    widest = 1
-    for it in items:
-        out_row = it.row_elems * BY_NAME[it.dtype].itemsize
-        src_rows = [it.row_elems * BY_NAME[sources[s.source].dtype].itemsize for s in it.segments if s.source]
-        widest = max(widest, out_row, *src_rows)
-    per_slot = 2 if casting else 1  # output buffer (+ staging buffer in the source dtype)
+    slicing = any(s.cols for it in items for s in it.segments)
+    widest = max([1] + [widest_row(it, sources) for it in items])
+    # output buffer, + staging (source dtype or whole source rows), + a second one to slice then cast
+    per_slot = 1 + (casting or slicing) + (casting and slicing)
     usable = budget.max_memory - budget.baseline - budget.reserve
     block = min(budget.max_block, usable // (budget.depth * per_slot)) if usable > 0 else 0
     block -= block % 4096
