@@ -18,20 +18,23 @@ from typing import Any, Callable
 import torch
 
 from hfnemo.arch import get_spec, spec_for_nemo_model
+from hfnemo.arch.rules import Logical
 from hfnemo.arch.spec import hf_dims, hf_to_nemo_config, nemo_dims, nemo_to_hf_config
 from hfnemo.dtypes import parse_dtype
 from hfnemo.errors import ConfigError, ConversionError, InsufficientDisk, OutputExists, UsageError
 from hfnemo.exec.executor import execute
-from hfnemo.exec.sinks import DcpSink, SafetensorsSink
+from hfnemo.exec.sinks import DcpSink, SafetensorsSink, TorchSaveSink
 from hfnemo.exec.sources import RowReader, dcp_sources, hf_sources
 from hfnemo.io import hf as hfio
+from hfnemo.io import legacy
 from hfnemo.io.dcp import read_index
 from hfnemo.io.nemo_configs import STRATEGY_CONFIG_ARGS, PyRef
 from hfnemo.io.nemo_context import read_context, write_context
 from hfnemo.memory import current_rss, peak_rss
 from hfnemo.memwatch import parse_size
-from hfnemo.plan.plan import Plan
-from hfnemo.plan.planner import Budget, budget_plan, check_layout, layout_hf, layout_nemo, map_tensors
+from hfnemo.plan.plan import Plan, Segment, SourceTensor
+from hfnemo.plan.planner import (Budget, budget_plan, check_layout, layout_hf, layout_nemo, layout_ranks,
+                                 map_tensors)
 
 DEFAULT_MAX_MEMORY = 2 << 30
 DEFAULT_MAX_SHARD = 5_000_000_000
@@ -100,11 +103,14 @@ def detect(src: Path) -> str:
         return "hf"
     if is_nemo_dir(src):
         return "nemo"
+    if legacy.is_nemo1_dir(src) or legacy.is_megatron_dir(src):
+        return "legacy"
     if src.is_dir() and (src / "checkpoints").is_dir():
         raise UsageError(f"{src} is a training run, not a checkpoint", file=src,
                          fix=f"use --latest {src} to pick its newest *-last checkpoint")
-    raise UsageError(f"{src} is neither an HF model directory (config.json) nor a NeMo 2 checkpoint "
-                     "(context/ and weights/)", file=src, fix="check the path")
+    raise UsageError(f"{src} is neither an HF model directory (config.json), a NeMo 2 checkpoint "
+                     "(context/ and weights/), a NeMo 1 directory (model_config.yaml) nor a Megatron-LM "
+                     "checkpoint (latest_checkpointed_iteration.txt)", file=src, fix="check the path")
 
 
 # ------------------------------------------------------------------------------ planning
@@ -117,7 +123,8 @@ class _Job:
     extra: dict[str, Any]
 
 
-def _plan_import(src: Path, dtype: str, budget: Budget, tp: int = 1, pp: int = 1, ep: int = 1) -> _Job:
+def _plan_import(src: Path, dtype: str, budget: Budget, tp: int = 1, pp: int = 1, ep: int = 1,
+                 fmt: str = "nemo2") -> _Job:
     cfg = hfio.read_config(src)
     arch = (cfg.data.get("architectures") or [None])[0]
     if not arch:
@@ -129,7 +136,10 @@ def _plan_import(src: Path, dtype: str, budget: Budget, tp: int = 1, pp: int = 1
     tensors = hfio.scan_weights(src)
     sources = hf_sources(tensors)
     logicals = map_tensors(spec, dims, sources, "hf_to_nemo", str(src))
-    items, blobs, files = layout_nemo(spec, dims, logicals, dtype, tp=tp)
+    if fmt != "nemo2":
+        items, blobs, files = _layout_legacy(fmt, spec, dims, logicals, dtype, tp, pp, ep)
+    else:
+        items, blobs, files = layout_nemo(spec, dims, logicals, dtype, tp=tp)
     target, nemo_args = hf_to_nemo_config(spec, cfg.data, cfg.path)
     # The layout the chunks were cut for (TP=PP=EP=1 stays NVIDIA's importer's config exactly).
     for key, n in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
@@ -143,8 +153,26 @@ def _plan_import(src: Path, dtype: str, budget: Budget, tp: int = 1, pp: int = 1
     plan = Plan(direction="hf_to_nemo", arch=spec.name, source=str(src), dtype=dtype,
                 sources=tuple(sources.values()), items=tuple(items), byte_items=tuple(blobs), files=tuple(files),
                 config={"_target_": target, **nemo_args}, budget=budget_plan(items, sources, budget),
-                layout={"tp": tp, "pp": pp, "ep": ep})
-    return _Job(plan, RowReader(), src, {"spec": spec, "hf": cfg, "dims": dims})
+                layout={"tp": tp, "pp": pp, "ep": ep, "format": fmt})
+    return _Job(plan, RowReader(), src, {"spec": spec, "hf": cfg, "dims": dims, "format": fmt,
+                                         "side": _hf_side_files(src), "emb_rows": _embedding_rows(logicals, dims),
+                                         "ncfg": _full_config(target, nemo_args)})
+
+
+def _layout_legacy(fmt: str, spec: Any, dims: Any, logicals: list[Logical], dtype: str, tp: int, pp: int,
+                   ep: int) -> tuple[list, list, list[str]]:
+    lay = legacy.rank_layout(fmt, tp, pp, ep)
+    items, files = layout_ranks(spec, dims, logicals, dtype, lay, legacy.file_namer(fmt, lay))
+    return items, [], files
+
+
+def _hf_side_files(src: Path) -> dict[str, Path]:
+    """What legacy outputs carry besides weights: tokenizer files, config.json, generation_config.json."""
+    side = {n: src / n for n in hfio.TOKENIZER_FILES if (src / n).is_file()}
+    side[legacy.HF_CONFIG] = src / "config.json"
+    if (src / "generation_config.json").is_file():
+        side[legacy.GENERATION_CONFIG] = src / "generation_config.json"
+    return side
 
 
 def _sidecar_sizes(src: Path) -> dict[str, Any]:
@@ -190,27 +218,34 @@ def _plan_export(src: Path, dtype: str, budget: Budget, max_shard: int) -> _Job:
 
 
 def _job(src: str | Path, to: str | None, dtype: str | None, max_memory: int | str | None,
-         max_shard_size: int | str | None, tp: int = 1, pp: int = 1, ep: int = 1) -> _Job:
+         max_shard_size: int | str | None, tp: int = 1, pp: int = 1, ep: int = 1, fmt: str = "nemo2") -> _Job:
     path = Path(src).expanduser()
     if not path.exists():
         raise UsageError(f"{path} does not exist", file=path, fix="check the path")
+    if fmt not in legacy.FORMATS:
+        raise UsageError(f"--format {fmt!r}", fix=f"use one of {', '.join(legacy.FORMATS)}")
     # `import` means the source is HF even when config.json is missing (then that is the error).
-    kind = "hf" if to == "nemo" and not is_nemo_dir(path) else detect(path)
+    is_ckpt = is_nemo_dir(path) or legacy.is_nemo1_dir(path) or legacy.is_megatron_dir(path)
+    kind = "hf" if to == "nemo" and not is_ckpt else detect(path)
     want = to or ("nemo" if kind == "hf" else "hf")
-    if (kind, want) not in (("hf", "nemo"), ("nemo", "hf")):
+    if (kind, want) not in (("hf", "nemo"), ("nemo", "hf"), ("legacy", "hf")):
         raise UsageError(f"cannot convert a {kind} checkpoint to {want}", file=path,
-                         fix="use `hfnemo import` for HF -> NeMo and `hfnemo export` for NeMo -> HF")
+                         fix="use `hfnemo import` for HF -> NeMo, `hfnemo export` for NeMo -> HF and "
+                             "`hfnemo reshard` to change the layout of a NeMo / Megatron checkpoint")
     budget = Budget(max_memory=_size(max_memory, DEFAULT_MAX_MEMORY, "--max-memory"), baseline=current_rss())
     if kind == "hf":
-        return _plan_import(path, _dtype(dtype), budget, tp, pp, ep)
-    return _plan_export(path, _dtype(dtype), budget, _size(max_shard_size, DEFAULT_MAX_SHARD, "--max-shard-size"))
+        return _plan_import(path, _dtype(dtype), budget, tp, pp, ep, fmt)
+    shard = _size(max_shard_size, DEFAULT_MAX_SHARD, "--max-shard-size")
+    if kind == "legacy":
+        return _plan_export_legacy(path, _dtype(dtype), budget, shard)
+    return _plan_export(path, _dtype(dtype), budget, shard)
 
 
 def plan(src: str | Path, *, to: str | None = None, dtype: str | None = "auto",
          max_memory: int | str | None = None, max_shard_size: int | str | None = None,
-         tp: int = 1, pp: int = 1, ep: int = 1) -> Plan:
+         tp: int = 1, pp: int = 1, ep: int = 1, format: str = "nemo2") -> Plan:
     """The dry run: every output tensor, its sources and transform, bytes and memory. Writes nothing."""
-    job = _job(src, to, dtype, max_memory, max_shard_size, tp, pp, ep)
+    job = _job(src, to, dtype, max_memory, max_shard_size, tp, pp, ep, format)
     job.reader.close()
     return job.plan
 
@@ -348,7 +383,7 @@ def _kernels(device: str, threads: int | None):
 def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: str | None = "auto",
             max_memory: int | str | None = None, max_shard_size: int | str | None = None,
             overwrite: bool = False, progress: ProgressFn | None = None, tp: int = 1, pp: int = 1,
-            ep: int = 1, device: str = "auto", threads: int | None = None) -> Report:
+            ep: int = 1, device: str = "auto", threads: int | None = None, format: str = "nemo2") -> Report:
     """Convert ``src`` (HF directory or NeMo 2 checkpoint) into ``dst``, streaming within ``max_memory``.
 
     Args:
@@ -364,13 +399,21 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             parallelism (checked against heads, layers and experts before anything is written).
         device: "auto", "cpu" or "cuda": where kernels (casts, column cuts) run.
         threads: CPU kernel threads.
+        format: import target: "nemo2" (DCP, default), "nemo1" (.nemo directory with per-rank
+            model_weights.ckpt) or "megatron" (Megatron-LM ckpt_format=torch); see hfnemo.io.legacy.
+            Exports read any of them (detected).
 
     Returns:
         A Report with byte counts, time and peak memory.
     """
+    job = _job(src, to, dtype, max_memory, max_shard_size, tp, pp, ep, format)
+    return _run(job, dst, overwrite, progress, device, threads)
+
+
+def _run(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn | None, device: str,
+         threads: int | None) -> Report:
     t0 = time.perf_counter()
     dst = Path(dst).expanduser()
-    job = _job(src, to, dtype, max_memory, max_shard_size, tp, pp, ep)
     plan = job.plan
     kernels = _kernels(device, threads)
     try:
@@ -385,24 +428,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             shutil.rmtree(staging)
         staging.mkdir()
         try:
-            if plan.direction == "hf_to_nemo":
-                sink = DcpSink(plan, staging / "weights")
-                try:
-                    execute(plan, job.reader, sink, progress=progress, kernels=kernels)
-                    sink.finish(checkpoint_id=str(dst / "weights"))
-                except BaseException:
-                    sink.abort()
-                    raise
-                _write_import_extras(job, staging)
-            else:
-                hsink = SafetensorsSink(plan, staging)
-                try:
-                    execute(plan, job.reader, hsink, progress=progress, kernels=kernels)
-                    hsink.finish()
-                except BaseException:
-                    hsink.abort()
-                    raise
-                _write_export_extras(job, staging)
+            _execute_into(job, staging, dst, progress, kernels)
             _publish(staging, dst)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -417,4 +443,299 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
                   files=list(plan.files), budget=dict(plan.budget))
 
 
-__all__ = ["convert", "plan", "find_latest", "Report", "ConversionError"]
+def _execute_into(job: _Job, staging: Path, dst: Path, progress: ProgressFn | None, kernels: Any) -> None:
+    """Stream the plan into the sink its target format needs, then write the side files."""
+    plan = job.plan
+    fmt = job.extra.get("format", "nemo2")
+    if plan.direction == "nemo_to_hf":
+        sink: Any = SafetensorsSink(plan, staging)
+        finish = sink.finish
+    elif fmt == "nemo2":
+        sink = DcpSink(plan, staging / "weights")
+        finish = lambda: sink.finish(checkpoint_id=str(dst / "weights"))  # noqa: E731
+    else:
+        wrap = (legacy.megatron_wrap(_megatron_args(job)) if fmt == "megatron" else lambda f, sd: sd)
+        sink = TorchSaveSink(plan, staging, wrap)
+        finish = sink.finish
+    try:
+        execute(plan, job.reader, sink, progress=progress, kernels=kernels)
+        finish()
+    except BaseException:
+        sink.abort()
+        raise
+    if plan.direction == "nemo_to_hf":
+        if "ctx" in job.extra:
+            _write_export_extras(job, staging)
+        else:
+            _write_legacy_export_extras(job, staging)
+    elif fmt == "nemo2":
+        if plan.direction == "hf_to_nemo":
+            _write_import_extras(job, staging)
+        elif job.extra.get("src_format") == "nemo2":
+            _write_nemo2_reshard_extras(job, staging)
+        else:
+            _write_nemo2_from_side(job, staging)
+    else:
+        _write_legacy_extras(job, staging)
+
+
+# ------------------------------------------------------------------------------ legacy formats
+
+def _plain_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: getattr(v, "target", v) for k, v in cfg.items()}
+
+
+def _full_config(target: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A NeMo 2 config with every field: the class defaults overlaid with the explicit arguments."""
+    from hfnemo.io.nemo_configs import config_fields
+
+    try:
+        defaults = config_fields(target)
+    except KeyError:
+        defaults = {}
+    return _plain_config({**defaults, **args, "_target_": target})
+
+
+def _embedding_rows(logicals_or_sources: Any, dims: Any) -> int:
+    for x in logicals_or_sources:
+        if x.name == "embedding.word_embeddings.weight":
+            return x.shape[0]
+    return dims.nemo_vocab
+
+
+def _megatron_args(job: _Job) -> Any:
+    lay = job.plan.layout
+    spec = job.extra["spec"]
+    ncfg = job.extra.get("ncfg") or _full_config(job.plan.config["_target_"], job.plan.config)
+    rows = job.extra.get("emb_rows", job.extra["dims"].nemo_vocab)
+    return legacy.megatron_args(ncfg, rows, job.extra["dims"].vocab,
+                                legacy.rank_layout("megatron", lay["tp"], lay["pp"], lay["ep"]),
+                                spec.hf_architectures[0])
+
+
+def _legacy_model(src: Path) -> dict[str, Any]:
+    """Spec, dims, NeMo 2-style config and re-assembled logical sources of a legacy checkpoint."""
+    ckpt = legacy.open_legacy(src)
+    where = str(src)
+    raw = legacy._hf_side(ckpt)
+    if raw is not None:
+        norm = hfio.normalise_config(raw, where)
+        arch = (norm.data.get("architectures") or [None])[0]
+        spec = get_spec(arch or "", where=where)
+        target, args = hf_to_nemo_config(spec, norm.data, where)
+        ncfg = _full_config(target, args)
+        base, dialect, hf_vocab = norm.data, norm.dialect, norm.data.get("vocab_size")
+    else:
+        found = legacy.nemo2_config(ckpt)
+        spec = get_spec(ckpt.arch or legacy.guess_arch(found), where=where)
+        ncfg = _full_config(spec.nemo_config, found)
+        base, dialect, hf_vocab = None, "4", found.get("vocab_size")
+    experts = int(ncfg.get("num_moe_experts") or 0)
+    sources = legacy.legacy_sources(ckpt, int(ncfg["num_layers"]), experts, bool(ncfg.get("gated_linear_unit")),
+                                    bool(ncfg.get("share_embeddings_and_output_weights")))
+    emb = sources.get("embedding.word_embeddings.weight")
+    extra = {**({"hf_vocab_size": hf_vocab} if hf_vocab else {}),
+             **({"embedding_rows": emb.shape[0]} if emb is not None and emb.shape else {})}
+    dims = nemo_dims(spec, {**ncfg, **extra}, where)
+    return {"ckpt": ckpt, "spec": spec, "dims": dims, "sources": sources, "ncfg": ncfg, "base": base,
+            "dialect": dialect, "side": dict(ckpt.side_files)}
+
+
+def _plan_export_legacy(src: Path, dtype: str, budget: Budget, max_shard: int) -> _Job:
+    m = _legacy_model(src)
+    spec, dims, sources, ncfg = m["spec"], m["dims"], m["sources"], m["ncfg"]
+    logicals = map_tensors(spec, dims, sources, "nemo_to_hf", str(src))
+    items, files = layout_hf(logicals, dtype, max_shard)
+    hf_cfg = nemo_to_hf_config(spec, ncfg, m["base"], str(src))
+    if dtype != "auto":
+        hf_cfg["torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    plan = Plan(direction="nemo_to_hf", arch=spec.name, source=str(src), dtype=dtype,
+                sources=tuple(sources.values()), items=tuple(items), byte_items=(), files=tuple(files),
+                config=hfio.denormalise_config(hf_cfg, m["dialect"]), budget=budget_plan(items, sources, budget))
+    return _Job(plan, RowReader(), src, {"spec": spec, "side": m["side"], "format": m["ckpt"].fmt})
+
+
+def _write_legacy_export_extras(job: _Job, staging: Path) -> None:
+    plan = job.plan
+    if len(plan.files) > 1:
+        weight_map = {it.key: it.file for it in plan.items}
+        index = {"metadata": {"total_size": plan.write_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (staging / hfio.INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (staging / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+    for name, path in job.extra["side"].items():
+        if name != legacy.HF_CONFIG:
+            shutil.copyfile(path, staging / name)
+
+
+def _side_files(job: _Job, tmp: Path) -> dict[str, Path]:
+    """Tokenizer files, HF config and generation config of the source, generated into ``tmp`` when
+    the source has none (a NeMo 2 checkpoint NVIDIA wrote keeps no HF config.json)."""
+    side = dict(job.extra.get("side") or {})
+    if legacy.HF_CONFIG not in side:
+        tmp.mkdir(parents=True, exist_ok=True)
+        hf_cfg = nemo_to_hf_config(job.extra["spec"], job.extra["ncfg"], None, str(job.src))
+        (tmp / legacy.HF_CONFIG).write_text(json.dumps(hfio.denormalise_config(hf_cfg, "4"), indent=2,
+                                                       sort_keys=True) + "\n")
+        side[legacy.HF_CONFIG] = tmp / legacy.HF_CONFIG
+    return side
+
+
+def _write_legacy_extras(job: _Job, staging: Path) -> None:
+    tmp = staging / ".hfnemo-side"
+    side = _side_files(job, tmp)
+    lay = job.plan.layout
+    fmt = job.extra["format"]
+    if fmt == "nemo1":
+        ncfg = job.extra.get("ncfg") or _full_config(job.plan.config["_target_"], job.plan.config)
+        rows = job.extra.get("emb_rows", job.extra["dims"].nemo_vocab)
+        legacy.write_nemo1_extras(staging, ncfg, rows, legacy.rank_layout(fmt, lay["tp"], lay["pp"], lay["ep"]),
+                                  job.extra["spec"].hf_architectures[0], side)
+    else:
+        legacy.write_megatron_extras(staging, side)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_nemo2_from_side(job: _Job, staging: Path) -> None:
+    """NeMo 2 context/ for a reshard from a legacy checkpoint: as an import from the source's HF
+    config, tokenizer and generation config (laid out as an HF directory for the import writer)."""
+    import dataclasses
+
+    tmp = staging / ".hfnemo-side"
+    side = _side_files(job, tmp / "gen")
+    hf_dir = tmp / "hf"
+    hf_dir.mkdir(parents=True)
+    for name, path in side.items():
+        shutil.copyfile(path, hf_dir / ("config.json" if name == legacy.HF_CONFIG else name))
+    cfg = hfio.read_config(hf_dir)
+    spec = job.extra["spec"]
+    target, args = hf_to_nemo_config(spec, cfg.data, cfg.path)
+    lay = job.plan.layout
+    for key, n in (("tensor_model_parallel_size", lay["tp"]), ("pipeline_model_parallel_size", lay["pp"]),
+                   ("expert_model_parallel_size", lay["ep"])):
+        if n > 1:
+            args[key] = n
+    plan = dataclasses.replace(job.plan, config={"_target_": target, **args})
+    _write_import_extras(_Job(plan, job.reader, hf_dir, {"spec": spec, "hf": cfg}), staging)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+_PARALLEL_KEYS = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size",
+                  "ep": "expert_model_parallel_size"}
+
+
+def _write_nemo2_reshard_extras(job: _Job, staging: Path) -> None:
+    """Copy context/ and the weights side files, with the parallel sizes set to the new layout."""
+    src = job.src
+    shutil.copytree(src / "context", staging / "context")
+    for name in ("common.pt", "metadata.json"):
+        if (src / "weights" / name).is_file():
+            shutil.copyfile(src / "weights" / name, staging / "weights" / name)
+    if not (staging / "weights" / "common.pt").is_file():
+        torch.save(_lightning_common(), staging / "weights" / "common.pt")
+    lay = job.plan.layout
+    model_yaml = staging / "context" / "model.yaml"
+    if model_yaml.is_file():
+        import re
+
+        text = model_yaml.read_text()
+        for short, key in _PARALLEL_KEYS.items():
+            text = re.sub(rf"(?m)^(\s+{key}: )\S+$", rf"\g<1>{lay[short]}", text)
+        model_yaml.write_text(text)
+    io_json = staging / "context" / "io.json"
+    if io_json.is_file():
+        doc = json.loads(io_json.read_text())
+        for obj in doc.get("objects", {}).values():
+            for item in obj.get("items", []) if isinstance(obj, dict) else []:
+                for short, key in _PARALLEL_KEYS.items():
+                    if (isinstance(item, list) and len(item) == 2 and item[0] == f"Attr(name='{key}')"
+                            and isinstance(item[1], dict) and item[1].get("type") == "leaf"):
+                        item[1]["value"] = lay[short]
+        io_json.write_text(json.dumps(doc))
+
+
+def _identity_logicals(spec: Any, dims: Any, sources: dict[str, SourceTensor], where: str) -> list[Logical]:
+    """Every logical NeMo tensor copied as is, in the order (and with the GLU row splits) an import
+    produces. The spec checks coverage both ways: export names must claim every source, and an
+    import from those names must give back exactly the same set."""
+    hf_side = map_tensors(spec, dims, sources, "nemo_to_hf", where)
+    virtual = {lg.name: SourceTensor(lg.name, lg.dtype, lg.shape, ("virtual",)) for lg in hf_side}
+    out = []
+    for lg in map_tensors(spec, dims, virtual, "hf_to_nemo", where):
+        src = sources[lg.name]
+        rows = src.shape[0] if src.shape else 1
+        out.append(Logical(lg.name, src.shape, src.dtype, (Segment(0, rows, lg.name, 0),), "copy", lg.row_splits))
+    wanted = {n for n in sources if "_extra_state" not in n and not n.endswith(spec.hf_ignore_suffixes)}
+    if {lg.name for lg in out} != wanted:
+        from hfnemo.errors import UnmappedTensors
+
+        odd = sorted(wanted ^ {lg.name for lg in out})
+        raise UnmappedTensors(f"the {spec.name} mapping does not round-trip these tensors: {', '.join(odd[:8])}",
+                              file=where, tensor=odd[0], fix="this checkpoint needs a spec of its own")
+    return out
+
+
+def _plan_reshard(path: Path, fmt: str | None, dtype: str, budget: Budget, tp: int, pp: int, ep: int) -> _Job:
+    kind = detect(path)
+    where = str(path)
+    if kind == "nemo":
+        where = str(path / "context" / "model.yaml")
+        ctx = read_context(path / "context", on_model_target=lambda t: spec_for_nemo_model(t, where=where))
+        spec = spec_for_nemo_model(ctx.model_target, where=where)
+        index = read_index(path / "weights")
+        sources, _prefix = dcp_sources(index)
+        emb = sources.get("embedding.word_embeddings.weight")
+        extra = {**_sidecar_sizes(path), **({"embedding_rows": emb.shape[0]} if emb is not None and emb.shape else {})}
+        ncfg = {**ctx.config, "_target_": ctx.config_target}
+        dims = nemo_dims(spec, {**ncfg, **extra}, where)
+        reader = RowReader(index=index)
+        side: dict[str, Path] = {}
+        if ctx.tokenizer_dir is not None:
+            side = {n: ctx.tokenizer_dir / n for n in hfio.TOKENIZER_FILES if (ctx.tokenizer_dir / n).is_file()}
+        if (path / "context" / HF_CONFIG_SIDECAR).is_file():
+            side[legacy.HF_CONFIG] = path / "context" / HF_CONFIG_SIDECAR
+        gen = path / "context" / "artifacts" / "generation_config.json"
+        if gen.is_file():
+            side[legacy.GENERATION_CONFIG] = gen
+        src_fmt = "nemo2"
+    elif kind == "legacy":
+        m = _legacy_model(path)
+        spec, dims, sources, ncfg, side = m["spec"], m["dims"], m["sources"], m["ncfg"], m["side"]
+        reader = RowReader()
+        src_fmt = m["ckpt"].fmt
+    else:
+        raise UsageError(f"{path} is an HF model; reshard changes the layout of NeMo / Megatron checkpoints",
+                         file=path, fix="use `hfnemo import --tp N --pp N --format ...` for HF models")
+    fmt = fmt or src_fmt
+    if fmt not in legacy.FORMATS:
+        raise UsageError(f"--format {fmt!r}", fix=f"use one of {', '.join(legacy.FORMATS)}")
+    check_layout(dims, tp, pp, ep)
+    logicals = _identity_logicals(spec, dims, sources, where)
+    if fmt == "nemo2":
+        items, blobs, files = layout_nemo(spec, dims, logicals, dtype, tp=tp)
+    else:
+        items, blobs, files = _layout_legacy(fmt, spec, dims, logicals, dtype, tp, pp, ep)
+    ncfg = _plain_config(ncfg)
+    for short, n in (("tp", tp), ("pp", pp), ("ep", ep)):
+        ncfg[_PARALLEL_KEYS[short]] = n
+    plan = Plan(direction="reshard", arch=spec.name, source=str(path), dtype=dtype, sources=tuple(sources.values()),
+                items=tuple(items), byte_items=tuple(blobs), files=tuple(files), config=ncfg,
+                budget=budget_plan(items, sources, budget), layout={"tp": tp, "pp": pp, "ep": ep, "format": fmt})
+    return _Job(plan, reader, path, {"spec": spec, "dims": dims, "ncfg": ncfg, "side": side, "format": fmt,
+                                     "src_format": src_fmt, "emb_rows": _embedding_rows(logicals, dims)})
+
+
+def reshard(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1, format: str | None = None,
+            dtype: str | None = "auto", max_memory: int | str | None = None, overwrite: bool = False,
+            progress: ProgressFn | None = None, device: str = "auto", threads: int | None = None) -> Report:
+    """Change the parallel layout (and optionally the format) of a NeMo 2, NeMo 1 or Megatron-LM
+    checkpoint, streaming, without going through HF: every logical NeMo tensor is copied as is
+    and cut for the new (tp, pp, ep). ``format`` defaults to the source's."""
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise UsageError(f"{path} does not exist", file=path, fix="check the path")
+    budget = Budget(max_memory=_size(max_memory, DEFAULT_MAX_MEMORY, "--max-memory"), baseline=current_rss())
+    job = _plan_reshard(path, format, _dtype(dtype), budget, tp, pp, ep)
+    return _run(job, dst, overwrite, progress, device, threads)
+
+
+__all__ = ["convert", "plan", "reshard", "find_latest", "Report", "ConversionError"]

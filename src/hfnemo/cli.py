@@ -51,10 +51,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep", type=int, default=1, help="NeMo output: expert-parallel size (checked)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where kernels run")
     p.add_argument("--threads", type=int, default=None, help="CPU kernel threads")
+    p.add_argument("--format", default=None, choices=["nemo2", "nemo1", "megatron"],
+                   help="NeMo output format: nemo2 (DCP, default for import), nemo1 (.nemo directory with "
+                        "per-rank model_weights.ckpt) or megatron (Megatron-LM ckpt_format=torch); "
+                        "reshard: default the source's")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="hfnemo", description="Streaming HF safetensors <-> NeMo 2 converter.")
+    ap = argparse.ArgumentParser(prog="hfnemo", description="Streaming HF safetensors <-> NeMo 2 / NeMo 1 / Megatron-LM converter.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("import", help="HF safetensors directory -> NeMo 2 checkpoint directory")
     p.add_argument("src")
@@ -70,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["nemo", "hf"])
     p.add_argument("--out", help="output directory whose disk is checked (default: beside the source)")
     p.add_argument("--tensors", action="store_true", help="list every output tensor (default with --json)")
+    _common(p)
+    p = sub.add_parser("reshard", help="change the TP/PP/EP layout (and format) of a NeMo 2 / NeMo 1 / "
+                                       "Megatron-LM checkpoint, without going through HF")
+    p.add_argument("src")
+    p.add_argument("dst")
     _common(p)
     p = sub.add_parser("latest", help="print the newest *-last checkpoint of a training run")
     p.add_argument("run_dir")
@@ -94,9 +103,17 @@ def _run_convert(args: argparse.Namespace, src: str, dst: str, to: str) -> int:
 
     update, close = _progress(not args.quiet and sys.stderr.isatty())
     try:
-        report = convert(src, dst, to=to, dtype=args.dtype, max_memory=args.max_memory,
-                         max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=update,
-                         tp=args.tp, pp=args.pp, ep=args.ep, device=args.device, threads=args.threads)
+        if to == "reshard":
+            from hfnemo.api import reshard
+
+            report = reshard(src, dst, tp=args.tp, pp=args.pp, ep=args.ep, format=args.format, dtype=args.dtype,
+                             max_memory=args.max_memory, overwrite=args.overwrite, progress=update,
+                             device=args.device, threads=args.threads)
+        else:
+            report = convert(src, dst, to=to, dtype=args.dtype, max_memory=args.max_memory,
+                             max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=update,
+                             tp=args.tp, pp=args.pp, ep=args.ep, device=args.device, threads=args.threads,
+                             format=getattr(args, "format", None) or "nemo2")
     finally:
         close()
     if args.json:
@@ -143,7 +160,7 @@ def _plan(args: argparse.Namespace) -> int:
     from hfnemo.api import plan
 
     p = plan(args.src, to=args.to, dtype=args.dtype, max_memory=args.max_memory, max_shard_size=args.max_shard_size,
-             tp=args.tp, pp=args.pp, ep=args.ep)
+             tp=args.tp, pp=args.pp, ep=args.ep, format=args.format or "nemo2")
     out_dir = Path(args.out) if args.out else Path(args.src).resolve().parent
     while not out_dir.exists():
         out_dir = out_dir.parent
@@ -201,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError("export needs NEMO_DIR and OUT_DIR (or --latest RUN_DIR OUT_DIR)",
                                  fix="hfnemo export NEMO_DIR OUT_DIR")
             return _run_convert(args, src, args.dst, "hf")
+        if args.cmd == "reshard":
+            return _run_convert(args, args.src, args.dst, "reshard")
         if args.cmd == "plan":
             return _plan(args)
         if args.cmd == "latest":

@@ -1,11 +1,15 @@
-"""Sinks: where the executor's row blocks go (DCP chunks or safetensors shards)."""
+"""Sinks: where the executor's row blocks go (DCP chunks, safetensors shards, legacy rank files)."""
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 from hfnemo.dtypes import BY_NAME
 from hfnemo.io.dcp import DcpWriter, _ChunkHandle
+from hfnemo.io.fileio import write_all
+from hfnemo.io.torchzip import ArchiveWriter, state_pickle, tensor_stub
 from hfnemo.io.safetensors import ShardWriter
 from hfnemo.plan.plan import OutputItem, Plan
 
@@ -94,3 +98,79 @@ class SafetensorsSink:
             except OSError:
                 pass
             self._shard = None
+
+
+class TorchSaveSink:
+    """Legacy per-rank checkpoints: each file is one torch.save archive of a dict of many tensors.
+
+    Items arrive grouped by file, in the plan's order. When a file's first item begins, its
+    data.pkl is written whole (every tensor's dtype and shape is known from the plan), then every
+    tensor's storage record is streamed block by block as the executor produces it. ``wrap(file,
+    state_dict)`` builds the pickled object around the file's state dict: the state dict itself
+    (NeMo 1) or Megatron-LM's ``{"args", "checkpoint_version", "iteration", "model"}``.
+    """
+
+    def __init__(self, plan: Plan, out_dir: Path, wrap: Callable[[str, "OrderedDict[str, object]"], object]) -> None:
+        self.out_dir = out_dir
+        self.wrap = wrap
+        self.by_file: dict[str, list[OutputItem]] = {f: [] for f in plan.files}
+        for it in plan.items:
+            self.by_file.setdefault(it.file, []).append(it)
+        self._file: str | None = None
+        self._fd: int | None = None
+        self._archive: ArchiveWriter | None = None
+        self._keys: dict[int, str] = {}  # id(item) -> storage key in the open file
+        self.done: list[str] = []
+
+    def _open(self, fname: str) -> None:
+        items = self.by_file[fname]
+        sd: OrderedDict[str, object] = OrderedDict()
+        for it in items:
+            if it.key in sd:
+                raise AssertionError(f"{it.key} planned twice in {fname}")
+            sd[it.key] = tensor_stub(BY_NAME[it.dtype], it.shape)
+        pkl, storages = state_pickle(self.wrap(fname, sd))
+        if [n for _, n in storages] != [it.nbytes for it in items]:
+            raise AssertionError(f"{fname}: pickled storages do not match the planned tensors")
+        self._keys = {id(it): k for it, (k, _) in zip(items, storages)}
+        path = self.out_dir / fname
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = self._fd
+        self._archive = ArchiveWriter(lambda b: write_all(fd, b), pkl, None)
+        self._file = fname
+
+    def _close(self) -> None:
+        if self._archive is not None:
+            self._archive.finish()
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self.done.append(self._file)
+            self._archive, self._fd, self._file = None, None, None
+
+    def begin(self, item: OutputItem) -> None:
+        if item.file != self._file:
+            self._close()
+            self._open(item.file)
+        self._archive.begin_record(self._keys[id(item)], item.nbytes)
+
+    def write(self, item: OutputItem, data: memoryview) -> None:
+        self._archive.write(data)
+
+    def end(self, item: OutputItem) -> None:
+        self._archive.end_record()
+
+    def finish(self) -> None:
+        self._close()
+        for fname in self.by_file:  # a rank file with no tensors still exists
+            if fname not in self.done:
+                self._open(fname)
+                self._close()
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+        self._archive, self._fd, self._file = None, None, None

@@ -90,6 +90,11 @@ class RowReader:
             _, path, offset = src.location
             pread_into(self.files.fd(path), dest, int(offset) + r0 * row_bytes, path=path)
             return
+        if kind == "legacy":  # rows and column windows of several rank files' local shards
+            from hfnemo.io.legacy import read_legacy_rows
+
+            read_legacy_rows(self.files, src, r0, r1, dest)
+            return
         _, fqn, prefix = src.location
         self._read_dcp(self.index.tensors[fqn], tuple(prefix), src, r0, r1, row_bytes, dest)
 

@@ -77,7 +77,7 @@ def _end_records(n: int, cd_offset: int, cd_size: int) -> bytes:
     eocd64_offset = cd_offset + cd_size
     out = struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 0x031E, 45, 0, 0, n, n, cd_size, cd_offset)
     out += struct.pack("<4sIQI", b"PK\x06\x07", 0, eocd64_offset, 1)
-    out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, n, n, min(cd_size, _U32), min(cd_offset, _U32), 0)
+    out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, min(n, 0xFFFF), min(n, 0xFFFF), min(cd_size, _U32), min(cd_offset, _U32), 0)
     return out
 
 
@@ -100,6 +100,7 @@ class _StorageStub:
     def __init__(self, dtype: DType, numel: int) -> None:
         self.dtype = dtype
         self.numel = numel
+        self.key = "0"
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -119,11 +120,20 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 class _StubPickler(pickle.Pickler):
+    """Numbers storages "0", "1", ... in the order the pickle meets them, as torch.save does."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.storages: list[_StorageStub] = []
+
     def persistent_id(self, obj: object) -> object:
         if isinstance(obj, _StorageStub):
             import torch
 
-            return ("storage", getattr(torch, obj.dtype.storage), "0", "cpu", obj.numel)
+            if obj not in self.storages:
+                obj.key = str(len(self.storages))
+                self.storages.append(obj)
+            return ("storage", getattr(torch, obj.dtype.storage), obj.key, "cpu", obj.numel)
         return None
 
 
@@ -132,6 +142,22 @@ def tensor_pickle(dtype: DType, shape: tuple[int, ...]) -> bytes:
     buf = io.BytesIO()
     _StubPickler(buf, protocol=2).dump(_TensorStub(dtype, shape))
     return buf.getvalue()
+
+
+def tensor_stub(dtype: DType, shape: tuple[int, ...]) -> _TensorStub:
+    """A placeholder that pickles like a contiguous CPU tensor (for :func:`state_pickle`)."""
+    return _TensorStub(dtype, tuple(shape))
+
+
+def state_pickle(obj: object) -> tuple[bytes, list[tuple[str, int]]]:
+    """data.pkl of ``torch.save(obj)`` where ``obj`` holds :func:`tensor_stub` placeholders (a state
+    dict, Megatron's checkpoint dict). Returns the pickle and, in storage-key order (the order
+    torch.save writes the ``data/<key>`` records), each storage's key and byte size. Every stub
+    gets its own storage: tensors written from a plan never share one."""
+    buf = io.BytesIO()
+    p = _StubPickler(buf, protocol=2)
+    p.dump(obj)
+    return buf.getvalue(), [(s.key, s.numel * s.dtype.itemsize) for s in p.storages]
 
 
 def object_pickle(obj: object) -> bytes:
@@ -148,6 +174,9 @@ class ArchiveWriter:
     bytes; ``w.finish()`` returns the archive length. ``sink`` writes bytes fully (a file
     descriptor's write_all, or BytesIO.write). Alignment is relative to the archive start, as in
     torch (a DCP file holds archives back to back at arbitrary offsets).
+
+    An archive of many tensors (a state dict): ``ArchiveWriter(sink, pkl, None)``, then for every
+    storage in key order ``begin_record(key, size)``, ``write(...)``, ``end_record()``.
     """
 
     def __init__(self, sink: Callable[[bytes | memoryview], object], pkl: bytes, data_size: int | None) -> None:
@@ -159,11 +188,9 @@ class ArchiveWriter:
         self._small(b".format_version", b"1")
         self._small(b".storage_alignment", b"64")
         self._small(b"byteorder", b"little")
-        self.data_size = data_size
-        self._data_done = 0
-        self._data_crc = 0
+        self._rec: list[int] | None = None  # [size, done, crc] of the open storage record
         if data_size is not None:
-            self._open(b"data/0", data_size)
+            self.begin_record("0", data_size)
 
     def _name(self, name: bytes) -> bytes:
         return ARCHIVE.encode() + b"/" + name
@@ -188,18 +215,31 @@ class ArchiveWriter:
         self._emit(data)
         self._close(zlib.crc32(data), len(data))
 
+    def begin_record(self, key: str, size: int) -> None:
+        """Open storage record ``data/<key>`` of ``size`` bytes; write() then fills it."""
+        if self._rec is not None:
+            raise AssertionError("the previous storage record is still open")
+        self._open(b"data/" + key.encode(), size)
+        self._rec = [size, 0, 0]
+
     def write(self, block: memoryview | bytes) -> None:
         """Append tensor bytes (any block size); CRC is computed as the bytes pass."""
         view = memoryview(block).cast("B")
-        self._data_crc = zlib.crc32(view, self._data_crc)
+        rec = self._rec
+        rec[2] = zlib.crc32(view, rec[2])
         self._emit(view)
-        self._data_done += len(view)
+        rec[1] += len(view)
+
+    def end_record(self) -> None:
+        size, done, crc = self._rec
+        if done != size:
+            raise AssertionError(f"archive got {done} of {size} data bytes")
+        self._close(crc, size)
+        self._rec = None
 
     def finish(self) -> int:
-        if self.data_size is not None:
-            if self._data_done != self.data_size:
-                raise AssertionError(f"archive got {self._data_done} of {self.data_size} data bytes")
-            self._close(self._data_crc, self.data_size)
+        if self._rec is not None:
+            self.end_record()
         self._small(b"version", b"3\n")
         # torch writes a random id; ours is derived from the content so reruns give equal bytes.
         sid = f"{zlib.crc32(b''.join(c.to_bytes(4, 'little') for c in self._crcs)):020d}{self.pos:020d}"
@@ -272,92 +312,182 @@ def _read_exact(fd: int, offset: int, n: int, path: str) -> bytes:
     return bytes(buf)
 
 
-def locate_tensor(fd: int, offset: int, length: int, *, path: str = "?", what: str = "?") -> StoredTensor:
-    """Find the tensor bytes of the archive stored at ``[offset, offset+length)`` of ``fd``."""
+class _Archive:
+    """The central directory of one torch archive at ``[offset, offset+length)`` of ``fd``."""
 
-    def bad(msg: str) -> CorruptCheckpoint:
-        return CorruptCheckpoint(msg, file=path, tensor=what, fix="the checkpoint is corrupt: re-create it")
+    def __init__(self, fd: int, offset: int, length: int, path: str, what: str, max_entries: int) -> None:
+        self.fd, self.offset, self.length, self.path, self.what = fd, offset, length, path, what
+        if length < 22:
+            raise self.bad(f"chunk of {length} bytes is too small to be a torch archive")
+        tail_len = min(length, 22 + 20 + 56 + 65535)
+        tail = _read_exact(fd, offset + length - tail_len, tail_len, path)
+        eocd = tail.rfind(b"PK\x05\x06")
+        if eocd < 0:
+            raise self.bad("no zip end-of-central-directory record in the chunk")
+        _, _, _, _, n_entries, cd_size, cd_off, _ = struct.unpack("<4sHHHHIIH", tail[eocd:eocd + 22])
+        if cd_off == _U32 or cd_size == _U32 or n_entries == 0xFFFF:
+            loc = tail.rfind(b"PK\x06\x07", 0, eocd)
+            if loc < 0:
+                raise self.bad("zip64 end record missing")
+            (eocd64_off,) = struct.unpack("<Q", tail[loc + 8:loc + 16])
+            rec = _read_exact(fd, offset + eocd64_off, 56, path)
+            if rec[:4] != b"PK\x06\x06":
+                raise self.bad("zip64 end record is corrupt")
+            n_entries, _, cd_size, cd_off = struct.unpack("<QQQQ", rec[24:56])
+        if cd_off + cd_size > length or n_entries > max_entries:
+            raise self.bad("central directory lies outside the chunk")
+        cd = _read_exact(fd, offset + cd_off, cd_size, path)
+        self.entries: dict[str, tuple[int, int]] = {}
+        p = 0
+        for _ in range(n_entries):
+            if cd[p:p + 4] != b"PK\x01\x02":
+                raise self.bad("central directory entry is corrupt")
+            (method, csize, usize, nlen, elen, clen, loff) = (
+                struct.unpack("<H", cd[p + 10:p + 12])[0], *struct.unpack("<II", cd[p + 20:p + 28]),
+                *struct.unpack("<HHH", cd[p + 28:p + 34]), struct.unpack("<I", cd[p + 42:p + 46])[0])
+            name = cd[p + 46:p + 46 + nlen].decode("utf-8", "replace")
+            extra = cd[p + 46 + nlen:p + 46 + nlen + elen]
+            if method != 0:
+                raise self.bad(f"record {name} is compressed; torch archives store records uncompressed")
+            if usize == _U32 or loff == _U32:
+                q = 0
+                while q + 4 <= len(extra):
+                    hid, hlen = struct.unpack("<HH", extra[q:q + 4])
+                    if hid == 1:
+                        vals = extra[q + 4:q + 4 + hlen]
+                        k = 0
+                        if usize == _U32:
+                            usize = struct.unpack("<Q", vals[k:k + 8])[0]
+                            k += 16
+                        if loff == _U32:
+                            loff = struct.unpack("<Q", vals[k:k + 8])[0]
+                    q += 4 + hlen
+            self.entries[name.split("/", 1)[-1]] = (loff, usize)
+            p += 46 + nlen + elen + clen
 
-    if length < 22:
-        raise bad(f"chunk of {length} bytes is too small to be a torch archive")
-    tail_len = min(length, 22 + 20 + 56 + 65535)
-    tail = _read_exact(fd, offset + length - tail_len, tail_len, path)
-    eocd = tail.rfind(b"PK\x05\x06")
-    if eocd < 0:
-        raise bad("no zip end-of-central-directory record in the chunk")
-    _, _, _, _, n_entries, cd_size, cd_off, _ = struct.unpack("<4sHHHHIIH", tail[eocd:eocd + 22])
-    if cd_off == _U32 or cd_size == _U32 or n_entries == 0xFFFF:
-        loc = tail.rfind(b"PK\x06\x07", 0, eocd)
-        if loc < 0:
-            raise bad("zip64 end record missing")
-        (eocd64_off,) = struct.unpack("<Q", tail[loc + 8:loc + 16])
-        rec = _read_exact(fd, offset + eocd64_off, 56, path)
-        if rec[:4] != b"PK\x06\x06":
-            raise bad("zip64 end record is corrupt")
-        n_entries, _, cd_size, cd_off = struct.unpack("<QQQQ", rec[24:56])
-    if cd_off + cd_size > length or n_entries > 64:
-        raise bad("central directory lies outside the chunk")
-    cd = _read_exact(fd, offset + cd_off, cd_size, path)
-    entries: dict[str, tuple[int, int]] = {}
-    p = 0
-    for _ in range(n_entries):
-        if cd[p:p + 4] != b"PK\x01\x02":
-            raise bad("central directory entry is corrupt")
-        (method, csize, usize, nlen, elen, clen, loff) = (
-            struct.unpack("<H", cd[p + 10:p + 12])[0], *struct.unpack("<II", cd[p + 20:p + 28]),
-            *struct.unpack("<HHH", cd[p + 28:p + 34]), struct.unpack("<I", cd[p + 42:p + 46])[0])
-        name = cd[p + 46:p + 46 + nlen].decode("utf-8", "replace")
-        extra = cd[p + 46 + nlen:p + 46 + nlen + elen]
-        if method != 0:
-            raise bad(f"record {name} is compressed; torch archives store records uncompressed")
-        if usize == _U32 or loff == _U32:
-            q = 0
-            while q + 4 <= len(extra):
-                hid, hlen = struct.unpack("<HH", extra[q:q + 4])
-                if hid == 1:
-                    vals = extra[q + 4:q + 4 + hlen]
-                    k = 0
-                    if usize == _U32:
-                        usize = struct.unpack("<Q", vals[k:k + 8])[0]
-                        k += 16
-                    if loff == _U32:
-                        loff = struct.unpack("<Q", vals[k:k + 8])[0]
-                q += 4 + hlen
-        entries[name.split("/", 1)[-1]] = (loff, usize)
-        p += 46 + nlen + elen + clen
+    def bad(self, msg: str) -> CorruptCheckpoint:
+        return CorruptCheckpoint(msg, file=self.path, tensor=self.what, fix="the checkpoint is corrupt: re-create it")
 
-    def data_start(rec: str) -> tuple[int, int]:
-        if rec not in entries:
-            raise bad(f"archive has no record {rec!r}")
-        loff, usize = entries[rec]
-        lh = _read_exact(fd, offset + loff, 30, path)
+    def data_start(self, rec: str) -> tuple[int, int]:
+        """Absolute offset and size of record ``rec``'s bytes."""
+        if rec not in self.entries:
+            raise self.bad(f"archive has no record {rec!r}")
+        loff, usize = self.entries[rec]
+        lh = _read_exact(self.fd, self.offset + loff, 30, self.path)
         if lh[:4] != b"PK\x03\x04":
-            raise bad(f"local header of {rec!r} is corrupt")
+            raise self.bad(f"local header of {rec!r} is corrupt")
         nlen, elen = struct.unpack("<HH", lh[26:30])
         start = loff + 30 + nlen + elen
-        if start + usize > length:
-            raise bad(f"record {rec!r} runs past the end of the chunk")
-        return offset + start, usize
+        if start + usize > self.length:
+            raise self.bad(f"record {rec!r} runs past the end of the chunk")
+        return self.offset + start, usize
 
-    pkl_at, pkl_len = data_start("data.pkl")
-    if pkl_len > 1 << 20:
-        raise bad("data.pkl is implausibly large for one tensor")
-    try:
-        obj = _RestrictedUnpickler(_read_exact(fd, pkl_at, pkl_len, path), path).load()
-    except CorruptCheckpoint:
-        raise
-    except Exception as e:  # malformed pickle streams raise a zoo of exception types
-        raise bad(f"data.pkl does not unpickle: {e}") from e
+    def unpickle(self, unpickler: Callable[[bytes, str], pickle.Unpickler], max_bytes: int) -> object:
+        pkl_at, pkl_len = self.data_start("data.pkl")
+        if pkl_len > max_bytes:
+            raise self.bad(f"data.pkl of {pkl_len} bytes is implausibly large")
+        try:
+            return unpickler(_read_exact(self.fd, pkl_at, pkl_len, self.path), self.path).load()
+        except CorruptCheckpoint:
+            raise
+        except Exception as e:  # malformed pickle streams raise a zoo of exception types
+            raise self.bad(f"data.pkl does not unpickle: {e}") from e
+
+
+def locate_tensor(fd: int, offset: int, length: int, *, path: str = "?", what: str = "?") -> StoredTensor:
+    """Find the tensor bytes of the archive stored at ``[offset, offset+length)`` of ``fd``."""
+    arc = _Archive(fd, offset, length, path, what, 64)
+    obj = arc.unpickle(_RestrictedUnpickler, 1 << 20)
     if not (isinstance(obj, tuple) and obj and obj[0] == "tensor"):
-        raise bad("chunk does not hold a single tensor")
+        raise arc.bad("chunk does not hold a single tensor")
     _, storage, soff, size, stride = obj
     _, dtype, key, _numel_s = storage
     if stride != _contiguous_strides(size) and _numel(size) > 1:
-        raise bad(f"chunk tensor is not contiguous (stride {stride})")
+        raise arc.bad(f"chunk tensor is not contiguous (stride {stride})")
     nbytes = _numel(size) * dtype.itemsize
     if nbytes == 0:
         return StoredTensor(dtype, size, offset, 0)
-    data_at, data_len = data_start(f"data/{key}")
+    data_at, data_len = arc.data_start(f"data/{key}")
     if soff * dtype.itemsize + nbytes > data_len:
-        raise bad(f"tensor needs {nbytes} bytes but its storage record holds {data_len}")
+        raise arc.bad(f"tensor needs {nbytes} bytes but its storage record holds {data_len}")
     return StoredTensor(dtype, size, data_at + soff * dtype.itemsize, nbytes)
+
+
+# ------------------------------------------------------------------ archives holding a dict of tensors
+
+@dataclass(frozen=True)
+class ArchivedTensor:
+    """A tensor met while unpickling a dict archive: where its storage lies, not its bytes."""
+
+    dtype: DType
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    key: str  # storage record data/<key>
+    storage_offset: int  # in elements
+
+
+class InertObject:
+    """Stand-in for an admitted non-tensor class (argparse.Namespace, Megatron enums): keeps its
+    pickled attributes as data, runs no code."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.args = args
+
+    def __setstate__(self, state: object) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            state = {**(state[0] or {}), **state[1]}  # (dict, slots) form
+        if isinstance(state, dict):
+            self.__dict__.update({k: v for k, v in state.items() if isinstance(k, str) and k != "args"})
+        else:
+            self.state = state
+
+
+class _DictUnpickler(_RestrictedUnpickler):
+    """For whole checkpoints (torch.save of a state dict or Megatron's dict): tensors, plain
+    containers, and the classes ``inert`` names as inert stubs. Everything else is refused."""
+
+    def __init__(self, data: bytes, path: str, inert: Callable[[str, str], bool]) -> None:
+        super().__init__(data, path)
+        self.inert = inert
+
+    def find_class(self, module: str, name: str) -> object:
+        import torch
+
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_ref
+        if (module, name) == ("torch", "Size"):
+            return tuple
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) == ("builtins", "set") or (module, name) == ("builtins", "frozenset"):
+            return {"set": set, "frozenset": frozenset}[name]
+        if self.inert(module, name):
+            return type(name, (InertObject,), {"__module__": "hfnemo.inert." + module})
+        return super().find_class(module, name)
+
+
+def _rebuild_ref(storage: object, storage_offset: int, size: tuple[int, ...], stride: tuple[int, ...],
+                 *_rest: object) -> ArchivedTensor:
+    _, dtype, key, _numel_s = storage
+    return ArchivedTensor(dtype, tuple(size), tuple(stride), key, int(storage_offset))
+
+
+def read_archive(fd: int, length: int, *, path: str = "?", inert: Callable[[str, str], bool] = lambda m, n: False,
+                 max_pickle: int = 256 << 20) -> tuple[object, Callable[[ArchivedTensor], StoredTensor]]:
+    """Unpickle the data.pkl of a whole-file torch archive (no tensor bytes are read).
+
+    Returns the object, with every tensor as an :class:`ArchivedTensor`, and a function giving where
+    a tensor's bytes lie (checked to be contiguous and inside its storage record)."""
+    arc = _Archive(fd, 0, length, path, "data.pkl", 1 << 24)
+    obj = arc.unpickle(lambda data, p: _DictUnpickler(data, p, inert), max_pickle)
+
+    def locate(t: ArchivedTensor) -> StoredTensor:
+        if t.stride != _contiguous_strides(t.shape) and _numel(t.shape) > 1:
+            raise arc.bad(f"a tensor of shape {t.shape} is not contiguous (stride {t.stride})")
+        nbytes = _numel(t.shape) * t.dtype.itemsize
+        data_at, data_len = arc.data_start(f"data/{t.key}")
+        if (t.storage_offset * t.dtype.itemsize) + nbytes > data_len:
+            raise arc.bad(f"a tensor needs {nbytes} bytes but its storage record holds {data_len}")
+        return StoredTensor(t.dtype, t.shape, data_at + t.storage_offset * t.dtype.itemsize, nbytes)
+
+    return obj, locate

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 from hfnemo.arch.rules import Dims, Logical, Rule, TiedOutput
 from hfnemo.arch.spec import ArchSpec
@@ -288,3 +288,135 @@ def budget_plan(items: list[OutputItem], sources: Mapping[str, SourceTensor], bu
             "depth": budget.depth, "buffers_per_slot": per_slot, "block_bytes": block,
             "buffer_bytes": budget.depth * per_slot * block,
             "peak_estimate": budget.baseline + budget.reserve + budget.depth * per_slot * block}
+
+
+# ------------------------------------------------------------------ per-rank legacy layouts (spec §6)
+
+@dataclass(frozen=True)
+class RankLayout:
+    """Which rank files a legacy checkpoint has and what goes in them."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    prefix: str = ""  # "model." for NeMo 1 (in-memory names of MegatronGPTModel), "" for Megatron-LM
+
+    def ranks(self) -> list[tuple[int, int, int]]:
+        """(tp, pp, ep) ranks in file order."""
+        return [(t, p, e) for p in range(self.pp) for t in range(self.tp) for e in range(self.ep)]
+
+
+def _stage_of(name: str, dims: Dims, lay: RankLayout) -> tuple[int, str, int | None]:
+    """Pipeline stage, name local to it, and EP rank of an expert tensor (None: every EP rank)."""
+    per_stage = dims.num_layers // lay.pp
+    m = _EXPERT_NAME.match(name)
+    if m:
+        l, e = int(m.group(1)), int(m.group(2))
+        per_ep = dims.experts // lay.ep
+        return (l // per_stage, f"decoder.layers.{l % per_stage}.mlp.experts.local_experts.{e % per_ep}.{m.group(3)}",
+                e // per_ep)
+    m = _LAYER_NAME.match(name)
+    if m:
+        l = int(m.group(1))
+        return l // per_stage, f"decoder.layers.{l % per_stage}.{m.group(2)}", None
+    # Megatron's GPTModel: the embedding lives on the first stage (pre_process), the final norm
+    # and the output layer on the last (post_process).
+    return (0 if name.startswith("embedding.") else lay.pp - 1), name, None
+
+
+def tp_local_segments(lg: Logical, kind: str | None, tp: int, r: int) -> tuple[tuple[Segment, ...], tuple[int, ...]]:
+    """Segments and shape of tensor-parallel rank r's local shard of a logical tensor.
+
+    Column-parallel (rows): rank r holds block r of each GLU half, local = cat(gate_r, up_r) as the
+    in-memory TP-local tensor does (spec §3.3); QKV rows are whole query groups because tp divides
+    the groups. Row-parallel (cols): a column window of every row. Replicated: the whole tensor."""
+    rows = lg.shape[0] if lg.shape else 1
+    if tp == 1 or kind is None:
+        return lg.segments, lg.shape
+    if kind == "cols":
+        width = lg.shape[1] // tp
+        return _cols(lg.segments, r * width, width), (lg.shape[0], width, *lg.shape[2:])
+    bounds = [0, *lg.row_splits, rows]
+    segs: list[Segment] = []
+    out = 0
+    for a, b in zip(bounds, bounds[1:]):
+        n = (b - a) // tp
+        for s in _slice(lg.segments, a + r * n, a + (r + 1) * n):
+            segs.append(Segment(s.out_row + out, s.rows, s.source, s.src_row, s.col, s.cols))
+        out += n
+    return tuple(segs), (out, *lg.shape[1:])
+
+
+def layout_ranks(spec: ArchSpec, dims: Dims, logicals: list[Logical], dtype: str, lay: RankLayout,
+                 file_of: Callable[[int, int, int], str], *, extra_state: bool = True) -> tuple[list[OutputItem], list[str]]:
+    """Legacy per-rank checkpoints (NeMo 1 ``model_weights.ckpt``, Megatron-LM ``model_optim_rng.pt``):
+    every rank file holds the LOCAL shards of its (tp, pp, ep) rank under in-memory names, layer
+    (and expert) indices local to the stage (and EP rank). One OutputItem per local tensor, items
+    grouped by file in state-dict order (embedding, layers in order, final norm, output layer).
+
+    ``extra_state``: add Transformer Engine ``<module>._extra_state`` entries as empty uint8 tensors
+    (what TE >= 2 returns without FP8; set_extra_state treats it as a no-op), so that Megatron's
+    strict load_state_dict finds every key."""
+    if dims.num_layers % lay.pp or (lay.ep > 1 and (not dims.experts or dims.experts % lay.ep)):
+        raise UsageError(f"layout tp={lay.tp} pp={lay.pp} ep={lay.ep} does not divide the model",
+                         fix="choose --pp dividing the layers and --ep dividing the experts")
+    by_name = {lg.name: lg for lg in logicals}
+    extra: list[Logical] = []
+    if dims.tied and lay.pp > 1 and "embedding.word_embeddings.weight" in by_name:
+        # With PP>1 the last stage owns its own output_layer.weight (GPTModel allocates it when
+        # pre_process is False) holding a copy of the embedding that Megatron keeps in sync by an
+        # all-reduce; its state dict, hence its file, has it.
+        emb = by_name["embedding.word_embeddings.weight"]
+        extra.append(Logical("output_layer.weight", emb.shape, emb.dtype, emb.segments, "tied_copy", emb.row_splits))
+
+    def section(lg: Logical) -> tuple[int, int, int]:
+        m = _EXPERT_NAME.match(lg.name) or _LAYER_NAME.match(lg.name)
+        if m:
+            return (1, int(m.group(1)), int(m.group(2)) if m.re is _EXPERT_NAME else -1)
+        return (0, 0, 0) if lg.name.startswith("embedding.") else (2, 0, 0)
+
+    ordered = sorted(list(logicals) + extra, key=section)  # stable: rule order inside a layer
+    per_file: dict[str, list[OutputItem]] = {}
+    files = [file_of(t, p, e) for t, p, e in lay.ranks()]
+    for f in files:
+        per_file[f] = []
+    for lg in ordered:
+        stage, local, ep_rank = _stage_of(lg.name, dims, lay)
+        kind = tp_split_kind(lg.name)
+        for t, p, e in lay.ranks():
+            if p != stage or (ep_rank is not None and e != ep_rank):
+                continue
+            segs, shape = tp_local_segments(lg, kind, lay.tp, t)
+            f = file_of(t, p, e)
+            per_file[f].append(OutputItem(
+                key=lay.prefix + local, shape=tuple(shape), dtype=_out_dtype(dtype, lg.dtype),
+                rows=shape[0] if shape else 1, row_elems=_row_elems(shape) if shape else 1, segments=segs,
+                transform=lg.transform if lay.tp == 1 or kind is None else f"{lg.transform}+tp_{kind}",
+                file=f))
+    items: list[OutputItem] = []
+    for f in files:
+        items.extend(_with_extra_state(per_file[f], spec, dims, lay) if extra_state else per_file[f])
+    return items, files
+
+
+def _with_extra_state(its: list[OutputItem], spec: ArchSpec, dims: Dims, lay: RankLayout) -> list[OutputItem]:
+    """Insert each local layer's TE ``_extra_state`` entries after the layer's last tensor."""
+    f = its[0].file if its else ""
+    last: dict[int, int] = {}
+    for i, it in enumerate(its):
+        m = _LAYER_NAME.match(it.key[len(lay.prefix):])
+        if m:
+            last[int(m.group(1))] = i
+    per_ep = dims.experts // lay.ep if dims.experts else 0
+    out: list[OutputItem] = []
+    for i, it in enumerate(its):
+        out.append(it)
+        for l, j in last.items():
+            if j != i:
+                continue
+            keys = [f"decoder.layers.{l}.{m}._extra_state" for m in spec.extra_state]
+            keys += [f"decoder.layers.{l}.mlp.experts.local_experts.{e}.{m.removeprefix('mlp.experts.experts.')}"
+                     "._extra_state" for e in range(per_ep) for m in spec.expert_extra_state]
+            out.extend(OutputItem(key=lay.prefix + k, shape=(0,), dtype="u8", rows=0, row_elems=1, segments=(),
+                                  transform="te_extra_state", file=f) for k in keys)
+    return out

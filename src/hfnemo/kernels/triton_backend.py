@@ -1,0 +1,355 @@
+"""Triton kernels for CUDA tensors: cast, gather, slice_cols (see :mod:`hfnemo.kernels.api`).
+
+One ``@triton.jit`` kernel per operation. Every kernel moves data in the widest word (1, 2 or 4
+bytes) that the pointers, offsets and lengths of the call allow and tells the compiler how aligned
+the addresses are (``tl.multiple_of``), so 16-byte-aligned calls compile to 16-byte vector loads
+and stores.
+
+Casts are done in integer bit arithmetic, never with ``.to(float type)``: the Triton interpreter
+(``TRITON_INTERPRET=1``, the CPU test lane) truncates float->bf16 while compiled Triton rounds to
+nearest even, and integer arithmetic is the same in both, so one kernel is bit-exact everywhere.
+Rounding is round-to-nearest-even with subnormals, overflow to infinity and signed zeros as torch.
+
+NaN: torch's own NaN bit patterns differ between devices and even between its scalar and
+vectorised loops on one device (on CPU, torch 2.13: f32->bf16 gives 0xFFFF, f16->bf16 0x7FC0,
+f16->f32 keeps sign and payload and sets the quiet bit, bf16->f32 shifts the bits unchanged). The
+backend therefore asks torch once per (device type, source dtype, destination dtype) what it
+produces for a 4096-element probe of signalling/quiet/negative NaNs with varied payloads, and
+picks the one NaN rule (keep sign+payload [+quiet bit], or one constant [+sign]) that reproduces
+it; the kernel then applies that rule. NaN stays NaN in every case.
+
+Import is lazy: importing this module without triton raises ImportError, which makes
+``get_backend("auto", device="cuda")`` fall back to the torch reference. CPU tensors go through the
+Triton interpreter when ``TRITON_INTERPRET=1``, else through the torch reference; float64 casts
+(not a checkpoint dtype in practice) are delegated to torch.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import torch
+
+import triton  # noqa: F401  (ImportError here -> get_backend falls back to torch)
+import triton.language as tl
+
+from hfnemo.kernels.api import Piece
+from hfnemo.kernels.torch_ref import TorchBackend
+
+# dtype codes used by the cast kernel
+F32, F16, BF16 = 0, 1, 2
+_CODE = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_WORD = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
+# NaN rules (cast kernel NAN_MODE)
+NAN_KEEP_QUIET, NAN_KEEP_RAW, NAN_CONST, NAN_CONST_SIGN = 0, 1, 2, 3
+
+CAST_BLOCK = 4096  # elements per program
+COPY_CHUNK = 8192  # bytes per program iteration in gather / slice_cols
+GATHER_SPLIT = 1 << 20  # pieces are cut into runs of at most this many bytes (one program row each)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _cast_kernel(src_ptr, dst_ptr, n, SRC: tl.constexpr, DST: tl.constexpr, NAN_MODE: tl.constexpr,
+                 NAN_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """dst[i] = cast(src[i]); src/dst are int32/int16 views of the float buffers."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    raw = tl.load(src_ptr + offs, mask=mask, other=0)
+    # ---- widen the source to float32 bits (exact), remembering NaN and its payload
+    if SRC == 0:
+        x = raw.to(tl.uint32, bitcast=True)
+    elif SRC == 2:
+        x = raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+    else:
+        h = raw.to(tl.uint16, bitcast=True).to(tl.uint32)
+        hs = (h & 0x8000) << 16
+        he = (h >> 10) & 0x1F
+        hm = h & 0x3FF
+        normal = (((h & 0x7FFF) << 13) + 0x38000000) | hs
+        # a subnormal half is hm * 2**-24: exact in float32 arithmetic
+        sub = (hm.to(tl.float32) * 5.9604644775390625e-08).to(tl.uint32, bitcast=True) | hs
+        special = hs | 0x7F800000 | (hm << 13)
+        x = tl.where(he == 0x1F, special, tl.where(he == 0, sub, normal))
+    sign = x & 0x80000000
+    ax = x & 0x7FFFFFFF
+    is_nan = ax > 0x7F800000
+    # ---- narrow float32 bits to the destination, round to nearest even
+    if DST == 0:
+        out = x
+        payload = x & 0x007FFFFF
+        exp_bits = 0x7F800000
+        quiet = 0x00400000
+        sign_out = sign
+    elif DST == 2:
+        out = (x + 0x7FFF + ((x >> 16) & 1)) >> 16
+        payload = (x >> 16) & 0x7F
+        exp_bits = 0x7F80
+        quiet = 0x0040
+        sign_out = sign >> 16
+    else:
+        sign_out = sign >> 16
+        # normal range: rebias the exponent, round the 13 dropped mantissa bits
+        base = ax - 0x38000000
+        norm = (base + 0xFFF + ((base >> 13) & 1)) >> 13
+        # below 2**-14: a subnormal half, round(m * 2**(e-150) / 2**-24)
+        e = ax >> 23
+        m = tl.where(e == 0, ax & 0x7FFFFF, (ax & 0x7FFFFF) | 0x800000)
+        sh = tl.minimum(126 - tl.minimum(e, 126), 31)
+        sh = tl.maximum(sh, 1)
+        q = m >> sh
+        rem = m & ((1 << sh) - 1)
+        half = 1 << (sh - 1)
+        q = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.uint32)
+        mag = tl.where(ax >= 0x477FF000, 0x7C00, tl.where(ax < 0x38800000, q, norm))
+        out = sign_out | mag
+        payload = (x >> 13) & 0x3FF
+        exp_bits = 0x7C00
+        quiet = 0x0200
+    if NAN_MODE == 0:
+        nan_out = sign_out | exp_bits | quiet | payload
+    elif NAN_MODE == 1:
+        nan_out = sign_out | exp_bits | payload
+    elif NAN_MODE == 2:
+        nan_out = (out & 0) | NAN_BITS  # (no tl.zeros_like: a jit helper the interpreter may not patch)
+    else:
+        nan_out = sign_out | NAN_BITS
+    out = tl.where(is_nan, nan_out, out)
+    if DST == 0:
+        tl.store(dst_ptr + offs, out.to(tl.int32, bitcast=True), mask=mask)
+    else:
+        tl.store(dst_ptr + offs, out.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+
+
+@triton.jit
+def _gather_kernel(dst_ptr, table_ptr, iters, ALIGN: tl.constexpr, CHUNK: tl.constexpr):
+    """Row p of the int64 table is (dst_off, src_off, nwords), all in words of dst's element type
+    and all multiples of ALIGN; src_off is relative to dst_ptr (the source's address minus dst's,
+    so the compiler sees the source as aligned as dst and vectorises). Program (p, c) copies words
+    c*CHUNK, (c+G)*CHUNK, ... of row p (G = programs along axis 1), ``iters`` chunks in all (the
+    loop bound is a plain argument: older interpreters cannot loop up to a loaded value)."""
+    p = tl.program_id(0).to(tl.int64)
+    dst_off = tl.multiple_of(tl.load(table_ptr + p * 3), ALIGN)
+    src_off = tl.multiple_of(tl.load(table_ptr + p * 3 + 1), ALIGN)
+    n = tl.load(table_ptr + p * 3 + 2)
+    dst = dst_ptr + dst_off
+    src = dst_ptr + src_off
+    c = tl.program_id(1).to(tl.int64)
+    g = tl.num_programs(1).to(tl.int64)
+    for i in range(0, iters):
+        offs = (c + i * g) * CHUNK + tl.arange(0, CHUNK)
+        offs = tl.max_contiguous(tl.multiple_of(offs, CHUNK), CHUNK)
+        m = offs < n
+        tl.store(dst + offs, tl.load(src + offs, mask=m), mask=m)
+
+
+@triton.jit
+def _slice_cols_kernel(dst_ptr, src_ptr, rows, src_row, col_off, cols, ALIGN: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dst[r, c] = src[r * src_row + col_off + c], a 2-D grid of (row blocks, column blocks); all
+    sizes in words of the pointers' element type."""
+    rb = tl.program_id(0).to(tl.int64)
+    cb = tl.program_id(1).to(tl.int64)
+    # (no tl.multiple_of on the scalars: Triton passes an int argument equal to 1 as a constexpr;
+    # arguments divisible by 16 are specialised as such anyway)
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tl.max_contiguous(tl.multiple_of(c, BLOCK_C), BLOCK_C)
+    m = (r[:, None] < rows) & (c[None, :] < cols)
+    s_off = r[:, None] * src_row + col_off + c[None, :]
+    d_off = r[:, None] * cols + c[None, :]
+    tl.store(dst_ptr + d_off, tl.load(src_ptr + s_off, mask=m), mask=m)
+
+
+# ----------------------------------------------------------------------------- host side
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _pow2_align(*values: int, cap: int = 16) -> int:
+    """The largest power of two, at most ``cap``, dividing every value."""
+    g = 0
+    for v in values:
+        g = math.gcd(g, int(v))
+    a = 1
+    while a < cap and (g == 0 or g % (a * 2) == 0):
+        a *= 2
+    return a
+
+
+def _words(t: torch.Tensor, nbytes: int, word: int) -> torch.Tensor:
+    """A view of the first ``nbytes`` (a multiple of ``word``) of the uint8 tensor ``t`` as words."""
+    return t[:nbytes].view(_WORD[word]) if word > 1 else t[:nbytes]
+
+
+def _word_views_ok(word: int, *ts: torch.Tensor) -> bool:
+    """torch's view(dtype) wants the storage offset (not only the address) to be word-aligned."""
+    return all(t.storage_offset() % word == 0 for t in ts)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32).to(torch.int64) & 0xFFFFFFFF if t.element_size() == 4 else \
+        t.view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def _nan_probe(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """4096 NaNs of ``dtype``: both signs, quiet and signalling, payloads in high and low bits."""
+    g = torch.Generator().manual_seed(1234)
+    if dtype == torch.float32:
+        mant = torch.randint(1, 1 << 23, (4096,), generator=g, dtype=torch.int64)
+        mant[:8] = torch.tensor([1, 1 << 22, (1 << 22) | 1, (1 << 23) - 1, 1 << 13, 1 << 16, 2, (1 << 22) | (1 << 16)])
+        bits = 0x7F800000 | mant
+        bits[1::2] |= 0x80000000
+        return (bits - ((bits >> 31) << 32)).to(torch.int32).view(torch.float32).to(device)
+    width = 10 if dtype == torch.float16 else 7
+    exp = 0x7C00 if dtype == torch.float16 else 0x7F80
+    mant = torch.randint(1, 1 << width, (4096,), generator=g, dtype=torch.int64)
+    mant[:4] = torch.tensor([1, 1 << (width - 1), (1 << width) - 1, 1 << (width - 2)])
+    bits = exp | mant
+    bits[1::2] |= 0x8000
+    return (bits - ((bits >> 15) << 16)).to(torch.int16).view(dtype).to(device)
+
+
+def _predict_nan(src_bits: torch.Tensor, s: int, d: int, mode: int, const: int) -> torch.Tensor:
+    """What the kernel's NaN rule ``mode`` gives for the source NaN bit patterns (CPU int64)."""
+    if s == F32:
+        x = src_bits
+    elif s == BF16:
+        x = src_bits << 16
+    else:
+        x = ((src_bits & 0x8000) << 16) | 0x7F800000 | ((src_bits & 0x3FF) << 13)
+    sign = x & 0x80000000
+    if d == F32:
+        so, payload, exp, quiet = sign, x & 0x7FFFFF, 0x7F800000, 0x400000
+    elif d == BF16:
+        so, payload, exp, quiet = sign >> 16, (x >> 16) & 0x7F, 0x7F80, 0x40
+    else:
+        so, payload, exp, quiet = sign >> 16, (x >> 13) & 0x3FF, 0x7C00, 0x200
+    if mode == NAN_KEEP_QUIET:
+        return so | exp | quiet | payload
+    if mode == NAN_KEEP_RAW:
+        return so | exp | payload
+    if mode == NAN_CONST:
+        return torch.full_like(x, const)
+    return so | const
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self) -> None:
+        self._ref = TorchBackend()
+        self._nan_rules: dict[tuple[str, torch.dtype, torch.dtype], tuple[int, int]] = {}
+
+    # -- protocol ----------------------------------------------------------------------------
+
+    def set_threads(self, n: int) -> None:  # GPU kernels: nothing to set
+        return None
+
+    def _native(self, *ts: torch.Tensor) -> bool:
+        """Whether the tensors go through the Triton kernels (CUDA, or CPU under the interpreter)."""
+        return all(t.is_cuda for t in ts) or (_interpreting() and all(t.device.type == "cpu" for t in ts))
+
+    def cast(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if dst.numel() != src.numel():
+            raise ValueError(f"cast: {src.numel()} elements into {dst.numel()}")
+        if not self._native(dst, src) or src.dtype not in _CODE or dst.dtype not in _CODE:
+            dst.copy_(src)  # float64 (or CPU tensors outside the interpreter): the torch reference
+            return
+        if not (dst.is_contiguous() and src.is_contiguous()):
+            raise ValueError("cast: both tensors must be contiguous")
+        n = src.numel()
+        if n == 0:
+            return
+        if src.dtype == dst.dtype:
+            nb = n * src.element_size()
+            self.gather(dst.view(-1).view(torch.uint8), [(0, src.view(-1).view(torch.uint8), 0, nb)])
+            return
+        mode, const = self.nan_rule(src.device, src.dtype, dst.dtype)
+        grid = (triton.cdiv(n, CAST_BLOCK),)
+        _cast_kernel[grid](src.view(-1).view(_INT_VIEW[src.dtype]), dst.view(-1).view(_INT_VIEW[dst.dtype]), n,
+                           SRC=_CODE[src.dtype], DST=_CODE[dst.dtype], NAN_MODE=mode, NAN_BITS=const,
+                           BLOCK=CAST_BLOCK, num_warps=8)
+
+    def gather(self, dst: torch.Tensor, pieces: Sequence[Piece]) -> None:
+        pieces = [p for p in pieces if p[3] > 0]
+        if not pieces:
+            return
+        if not self._native(dst, *(p[1] for p in pieces)):
+            self._ref.gather(dst, pieces)
+            return
+        for d, s, so, n in pieces:
+            if d < 0 or so < 0 or d + n > dst.numel() or so + n > s.numel():
+                raise ValueError(f"gather: piece ({d}, {so}, {n}) out of bounds")
+        base = dst.data_ptr()
+        vals = [base]
+        for d, s, so, n in pieces:
+            vals += [base + d, s.data_ptr() + so, n]
+        vec = _pow2_align(*vals)  # bytes every address and length is a multiple of (<= 16)
+        word = min(vec, 4) if _word_views_ok(min(vec, 4), dst) else 1
+        align = vec // word
+        split = GATHER_SPLIT // word
+        rows: list[int] = []
+        longest = 0
+        for d, s, so, n in pieces:
+            dw, sw, nw = d // word, (s.data_ptr() + so - base) // word, n // word
+            for k in range(0, nw, split):
+                m = min(split, nw - k)
+                rows += [dw + k, sw + k, m]
+                longest = max(longest, m)
+        table = torch.tensor(rows, dtype=torch.int64)
+        if dst.is_cuda:
+            table = table.pin_memory().to(dst.device, non_blocking=True)
+        chunk = COPY_CHUNK // word
+        grid = (len(rows) // 3, max(1, min(triton.cdiv(longest, chunk), 64)))
+        iters = triton.cdiv(triton.cdiv(longest, chunk), grid[1])
+        _gather_kernel[grid](_words(dst, dst.numel() // word * word, word), table, iters, ALIGN=align,
+                             CHUNK=chunk, num_warps=8)
+
+    def slice_cols(self, dst: torch.Tensor, src: torch.Tensor, rows: int, src_row_bytes: int, col_offset: int,
+                   col_bytes: int) -> None:
+        if rows <= 0 or col_bytes <= 0:
+            return
+        if not self._native(dst, src):
+            self._ref.slice_cols(dst, src, rows, src_row_bytes, col_offset, col_bytes)
+            return
+        if col_offset < 0 or col_offset + col_bytes > src_row_bytes or rows * src_row_bytes > src.numel() \
+                or rows * col_bytes > dst.numel():
+            raise ValueError("slice_cols: out of bounds")
+        vec = _pow2_align(dst.data_ptr(), src.data_ptr(), src_row_bytes, col_offset, col_bytes)
+        word = min(vec, 4) if _word_views_ok(min(vec, 4), dst, src) else 1
+        align = vec // word
+        cols = col_bytes // word
+        block_c = min(triton.next_power_of_2(cols), COPY_CHUNK // word)
+        block_r = max(1, min(COPY_CHUNK // word // block_c, triton.next_power_of_2(rows)))
+        grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+        _slice_cols_kernel[grid](_words(dst, rows * col_bytes, word), _words(src, rows * src_row_bytes, word),
+                                 rows, src_row_bytes // word, col_offset // word, cols, ALIGN=align,
+                                 BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
+
+    # -- NaN rule -----------------------------------------------------------------------------
+
+    def nan_rule(self, device: torch.device, src: torch.dtype, dst: torch.dtype) -> tuple[int, int]:
+        """(NAN_MODE, NAN_BITS) reproducing what torch's copy_ gives for NaNs on this device type."""
+        key = (device.type, src, dst)
+        if key not in self._nan_rules:
+            probe = _nan_probe(src, device)
+            got = _bits(torch.empty(probe.numel(), dtype=dst, device=device).copy_(probe)).cpu()
+            sbits = _bits(probe).cpu()
+            s, d = _CODE[src], _CODE[dst]
+            sign_bit = 0x80000000 if d == F32 else 0x8000
+            chosen = (NAN_KEEP_QUIET, 0)  # IEEE default if torch follows none of the rules
+            for mode in (NAN_KEEP_RAW, NAN_KEEP_QUIET, NAN_CONST, NAN_CONST_SIGN):
+                if mode == NAN_KEEP_RAW and (s, d) not in ((F16, F32), (BF16, F32), (BF16, F16)):
+                    continue  # a narrowed payload can truncate to zero (an infinity): needs the quiet bit
+                const = int(got[0]) if mode == NAN_CONST else int(got[0]) & ~sign_bit
+                if torch.equal(_predict_nan(sbits, s, d, mode, const), got):
+                    chosen = (mode, const)
+                    break
+            self._nan_rules[key] = chosen
+        return self._nan_rules[key]
