@@ -703,7 +703,10 @@ class Bench:
 
     def hfnemo(self, verb: str, src: Path, out: Path, *, measured: bool = True):
         argv = self.cmd + [verb, str(src), str(out),
-                "--max-memory", self.args.max_memory, "--quiet", "--json", "--overwrite"]
+                "--max-memory", self.args.max_memory, "--quiet", "--json", "--overwrite",
+                "--device", self.args.device, *(["--threads", str(self.args.threads)] if self.args.threads else [])]
+        if verb == "import" and self.args.tp > 1:
+            argv += ["--tp", str(self.args.tp)]
         nbytes = dir_bytes(src)
         if measured:
             return self.series(verb, argv, [src], out, nbytes)
@@ -727,6 +730,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="floor,import,export",
                     help="comma list of floor, import, export (default all)")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
+    ap.add_argument("--tp", type=int, default=1, help="import with --tp N (tensor-parallel chunks)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="hfnemo --device")
+    ap.add_argument("--threads", type=int, default=None, help="hfnemo --threads")
     ap.add_argument("--small", action="store_true", help="~1.1 GB Llama-3-8B-width variant")
     ap.add_argument("--evict", choices=["fadvise", "drop_caches", "none"], default="fadvise",
                     help="page-cache policy before each run (default fadvise: DONTNEED on the inputs)")
