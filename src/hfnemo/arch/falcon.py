@@ -10,353 +10,21 @@ FalconDecoderLayer). ``query_key_value`` is copied as is in every variant: HF's 
 are Megatron's per-group [q x heads/groups, k, v] interleave (spec §4.2; tests check it against an
 interleave of what _split_heads returns).
 
-The first section (dims, the When rule, config rules) is shared with gptneox.py and phi2.py, the
-three parallel-block families hfnemo defines itself; it lives here because Falcon is the one with
-a NeMo precedent.
+What Falcon shares with gptneox.py and phi2.py, the three parallel-block families hfnemo defines
+itself (ParallelDims, When, SparseField, Activation, PlainRope, checked dims, register, ...), lives in
+rules.py, config_rules.py and spec.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from types import MappingProxyType
+from dataclasses import dataclass
 from typing import Any, Mapping
 
-from hfnemo.arch.config_rules import ConfigRule, Field, ParamsDType, VocabDivisor
-from hfnemo.arch.rules import Dims, Rename, Rule, TiedOutput
-from hfnemo.arch.spec import ArchSpec, dims_from_hf, dims_from_nemo
+from hfnemo.arch.config_rules import (Activation, Allowed, ConfigRule, Const, Field, KvChannels, ParamsDType,
+                                      PlainRope, RopeBase, SparseField, VocabDivisor, put_unless_default)
+from hfnemo.arch.rules import DENSE_TE_MODULES, ParallelDims, Rename, Rule, TiedOutput, When, with_layout
+from hfnemo.arch.spec import LAYERNORM_ROPE, ArchSpec, dims_from_hf, dims_from_nemo, register
 from hfnemo.errors import ConfigError, UnsupportedArchitecture
-from hfnemo.io.nemo_configs import GELU, ConfigClass, PyRef, register_config_class
-
-# ------------------------------------------------------------------ shared by the parallel-block families
-
-
-@dataclass(frozen=True)
-class ParallelDims(Dims):
-    """Dims plus what selects tensors in these families: which norms a layer has, and linear biases."""
-
-    norms: str = "shared"  # "shared": one input norm; "two": attention + MLP norms; "sequential"
-    bias: bool = True
-
-
-def with_layout(base: Dims, norms: str, bias: bool) -> ParallelDims:
-    return ParallelDims(**{f.name: getattr(base, f.name) for f in fields(base)}, norms=norms, bias=bias)
-
-
-@dataclass(frozen=True)
-class When(Rule):
-    """``rule`` for the variants whose ``dims.<attr>`` is in ``values``; no tensors otherwise.
-    (ArchSpec.rules is one static table, but Falcon's norms and biases depend on the config.)"""
-
-    attr: str
-    values: tuple[Any, ...]
-    rule: Rule
-
-    def _on(self, dims: Dims) -> bool:
-        return getattr(dims, self.attr) in self.values
-
-    def hf_names(self, dims):
-        return self.rule.hf_names(dims) if self._on(dims) else ()
-
-    def nemo_names(self, dims):
-        return self.rule.nemo_names(dims) if self._on(dims) else ()
-
-    def hf_to_nemo(self, dims, src, fmt):
-        return self.rule.hf_to_nemo(dims, src, fmt) if self._on(dims) else []
-
-    def nemo_to_hf(self, dims, src, fmt):
-        return self.rule.nemo_to_hf(dims, src, fmt) if self._on(dims) else []
-
-    @property
-    def per_layer(self) -> bool:  # the wrapped rule's names carry {l}, not this wrapper's strings
-        return self.rule.per_layer
-
-    @property
-    def per_expert(self) -> bool:
-        return self.rule.per_expert
-
-
-def _put(out: dict[str, Any], key: str, value: Any, default: Any) -> None:
-    """Write an HF field back only where the source config had it or the value is not transformers'
-    default: hub configs of these older families omit many fields (falcon-7b has no rope_theta,
-    Pythia no attention_bias), and config.json must round-trip key for key. An explicit null that
-    meant the default stays null."""
-    if key in out:
-        if not (out[key] is None and value == default):
-            out[key] = value
-    elif value != default:
-        out[key] = value
-
-
-@dataclass(frozen=True)
-class HfDefault(ConfigRule):
-    """hf ⇄ nemo where config.json may omit hf (then transformers' ``default`` applies)."""
-
-    hf: str
-    nemo: str
-    default: Any
-
-    @property
-    def hf_keys(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (self.hf,)
-
-    def to_nemo(self, hf, out, where):
-        v = hf.get(self.hf)
-        out[self.nemo] = self.default if v is None else v
-
-    def to_hf(self, nemo, out, where):
-        v = nemo.get(self.nemo)
-        _put(out, self.hf, self.default if v is None else v, self.default)
-
-
-@dataclass(frozen=True)
-class Requires(ConfigRule):
-    """An HF field that must keep its transformers default: other values change the model in a way
-    the family's NeMo layout cannot carry, so they are refused instead of dropped."""
-
-    hf: str
-    value: Any
-    why: str
-
-    @property
-    def hf_keys(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (self.hf,)
-
-    def to_nemo(self, hf, out, where):
-        v = hf.get(self.hf)
-        if v is not None and v != self.value:
-            raise ConfigError(f"{self.hf}={v!r} is not supported: {self.why}", file=where,
-                              fix="this model variant needs a spec of its own: please open an issue")
-
-    def to_hf(self, nemo, out, where):
-        pass  # the default is what transformers assumes when the field is absent
-
-
-@dataclass(frozen=True)
-class Emit(ConfigRule):
-    """A NeMo field that is fixed for the family; export refuses a checkpoint that says otherwise."""
-
-    nemo: str
-    value: Any
-
-    def to_nemo(self, hf, out, where):
-        out[self.nemo] = self.value
-
-    def to_hf(self, nemo, out, where):
-        v = nemo.get(self.nemo, self.value)
-        if v != self.value:
-            raise ConfigError(f"{self.nemo}={v!r} cannot be exported to this HF architecture "
-                              f"(it has {self.nemo}={self.value!r} only)", file=where,
-                              fix="this model variant needs a spec of its own: please open an issue")
-
-
-@dataclass(frozen=True)
-class KvChannels(ConfigRule):
-    """kv_channels = hidden/heads, written explicitly; these HF families have no head_dim field."""
-
-    def to_nemo(self, hf, out, where):
-        out["kv_channels"] = int(hf["hidden_size"]) // int(hf["num_attention_heads"])
-
-    def to_hf(self, nemo, out, where):
-        want = int(nemo["hidden_size"]) // int(nemo["num_attention_heads"])
-        if nemo.get("kv_channels") not in (None, want):
-            raise ConfigError(f"kv_channels={nemo['kv_channels']} differs from hidden_size / heads = "
-                              f"{want}, which this HF architecture cannot express", file=where,
-                              fix="this model variant needs a spec of its own: please open an issue")
-
-
-@dataclass(frozen=True)
-class Groups(ConfigRule):
-    """Key/value heads ⇄ num_query_groups: ``hf`` names the HF field (None: the family is
-    multi-head only, and has no such field)."""
-
-    hf: str | None = None
-
-    @property
-    def hf_keys(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (self.hf,) if self.hf else ()
-
-    def to_nemo(self, hf, out, where):
-        out["num_query_groups"] = (hf.get(self.hf) if self.hf else None) or int(hf["num_attention_heads"])
-
-    def to_hf(self, nemo, out, where):
-        nh = int(nemo["num_attention_heads"])
-        groups = int(nemo.get("num_query_groups") or nh)
-        if self.hf:
-            _put(out, self.hf, groups, nh)
-        elif groups != nh:
-            raise ConfigError(f"num_query_groups={groups} != num_attention_heads={nh}: this HF architecture "
-                              "is multi-head only", file=where,
-                              fix="this model variant needs a spec of its own: please open an issue")
-
-
-# transformers ACT2FN name -> the NeMo/Megatron function computing the same formula. "gelu" is erf
-# GELU (F.gelu); "gelu_new" is 0.5x(1+tanh(sqrt(2/pi)(x+0.044715x^3))), NeMo's openai_gelu
-# (nemo/collections/llm/fn/activation.py); "gelu_fast" is the 0.7978845608 form, Megatron's
-# fast_gelu (megatron/core/activations.py). gelu_pytorch_tanh has no NeMo counterpart: refused.
-ACTIVATIONS: Mapping[str, PyRef] = MappingProxyType({
-    "gelu": GELU,
-    "gelu_new": PyRef("nemo.collections.llm.fn.activation", "openai_gelu"),
-    "gelu_fast": PyRef("megatron.core.activations", "fast_gelu"),
-})
-
-
-@dataclass(frozen=True)
-class Activation(ConfigRule):
-    """hidden_act / activation ⇄ activation_func, exactly (tanh and erf GELU are different models)."""
-
-    hf: str
-    default: str
-
-    @property
-    def hf_keys(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (self.hf,)
-
-    def to_nemo(self, hf, out, where):
-        name = hf.get(self.hf) or self.default
-        if name not in ACTIVATIONS:
-            raise ConfigError(f"{self.hf}={name!r} has no NeMo activation hfnemo maps exactly "
-                              f"(supported: {', '.join(ACTIVATIONS)})", file=where,
-                              fix="please open an issue with the model name")
-        out["activation_func"] = ACTIVATIONS[name]
-
-    def to_hf(self, nemo, out, where):
-        target = getattr(nemo.get("activation_func"), "target", nemo.get("activation_func"))
-        names = [n for n, ref in ACTIVATIONS.items() if ref.target == target]
-        if not names:
-            raise ConfigError(f"activation_func={target!r} has no HF {self.hf} name hfnemo maps", file=where,
-                              fix=f"supported: {', '.join(r.target for r in ACTIVATIONS.values())}")
-        _put(out, self.hf, names[0], self.default)
-
-
-@dataclass(frozen=True)
-class RopeBase(ConfigRule):
-    """rotary base ⇄ rotary_base under the family's HF spellings (GPT-NeoX: rotary_emb_base; the
-    normalised 5.x dialect: rope_theta). Export updates every spelling the source had."""
-
-    keys: tuple[str, ...]
-    default: float = 10000.0
-
-    @property
-    def hf_keys(self) -> tuple[str, ...]:  # type: ignore[override]
-        return self.keys
-
-    def to_nemo(self, hf, out, where):
-        out["rotary_base"] = next((hf[k] for k in self.keys if hf.get(k) is not None), self.default)
-
-    def to_hf(self, nemo, out, where):
-        v = nemo.get("rotary_base")
-        v = self.default if v is None else v
-        present = [k for k in self.keys if k in out]
-        for k in present:
-            _put(out, k, v, self.default)
-        if not present:
-            _put(out, self.keys[0], v, self.default)
-
-
-@dataclass(frozen=True)
-class RotaryPercent(ConfigRule):
-    """Partial rotary ⇄ rotary_percent: HF rotates the first int(head_dim*f) dims of each head,
-    rotate-half style, and so does Megatron with dim=int(kv_channels*rotary_percent)
-    (rotary_pos_embedding.py). 5.x configs keep f in rope_parameters (the normalised rope_scaling
-    dict), which transformers reads first; 4.x configs spell it ``keys``."""
-
-    keys: tuple[str, ...]
-    default: float
-
-    @property
-    def hf_keys(self) -> tuple[str, ...]:  # type: ignore[override]
-        return self.keys
-
-    def to_nemo(self, hf, out, where):
-        rs = hf.get("rope_scaling")
-        if isinstance(rs, dict) and rs.get("partial_rotary_factor") is not None:
-            out["rotary_percent"] = rs["partial_rotary_factor"]
-            return
-        out["rotary_percent"] = next((hf[k] for k in self.keys if hf.get(k) is not None), self.default)
-
-    def to_hf(self, nemo, out, where):
-        v = nemo.get("rotary_percent")
-        v = 1.0 if v is None else v
-        written = False
-        rs = out.get("rope_scaling")
-        if isinstance(rs, dict) and "partial_rotary_factor" in rs:
-            out["rope_scaling"] = {**rs, "partial_rotary_factor": v}
-            written = True
-        for k in self.keys:
-            if k in out:
-                _put(out, k, v, self.default)
-                written = True
-        if not written:
-            _put(out, self.keys[0], v, self.default)
-
-
-@dataclass(frozen=True)
-class PlainRope(ConfigRule):
-    """Plain RoPE only: these families' NeMo configs carry no rope scaling, so a scaled config is
-    refused rather than silently changed. ``extra``: rope_parameters keys other rules carry."""
-
-    extra: tuple[str, ...] = ()
-    hf_keys = ("rope_scaling",)
-
-    def to_nemo(self, hf, out, where):
-        rs = hf.get("rope_scaling")
-        if not rs:
-            return
-        kind = rs.get("rope_type", rs.get("type", "default")) if isinstance(rs, dict) else rs
-        known = {"rope_type", "type", "rope_theta", *self.extra}
-        unknown = sorted(set(rs) - known) if isinstance(rs, dict) else []
-        if kind != "default" or unknown:
-            raise ConfigError(f"rope scaling {rs!r} cannot be carried (hfnemo maps plain RoPE for this "
-                              "family)", file=where,
-                              fix="this model variant needs a spec of its own: please open an issue")
-
-    def to_hf(self, nemo, out, where):
-        if nemo.get("seq_len_interpolation_factor") not in (None, 1, 1.0):
-            raise ConfigError(f"seq_len_interpolation_factor={nemo['seq_len_interpolation_factor']!r} "
-                              "cannot be exported for this family", file=where,
-                              fix="this model variant needs a spec of its own: please open an issue")
-
-
-def checked_hf_dims(config_rules: tuple[ConfigRule, ...], norms: str, bias: bool):
-    """A dims_from_hf that first runs the config rules, so that an unsupported field is reported by
-    name before tensors are matched (else it would surface as missing or unclaimed tensors)."""
-
-    def dims(cfg: Mapping[str, Any], where: str) -> ParallelDims:
-        for rule in config_rules:
-            rule.to_nemo(cfg, {}, where)
-        return with_layout(dims_from_hf(cfg, where), norms, bias)
-
-    return dims
-
-
-def checked_nemo_dims(config_rules: tuple[ConfigRule, ...], norms: str, bias: bool):
-    """The export counterpart of checked_hf_dims (e.g. output_layer_bias=false for Phi-2)."""
-
-    def dims(cfg: Mapping[str, Any], where: str) -> ParallelDims:
-        for rule in config_rules:
-            rule.to_hf(cfg, {}, where)
-        return with_layout(dims_from_nemo(cfg, where), norms, bias)
-
-    return dims
-
-
-def register(name: str, parent_overrides: Mapping[str, Any]) -> tuple[str, str]:
-    """Register hfnemo.nemo.<name>Config (parent GPTConfig) for io.json / model.yaml; returns the
-    (model, config) targets. NeMo cannot import these: they name layouts hfnemo defines."""
-    model, config = f"hfnemo.nemo.{name}Model", f"hfnemo.nemo.{name}Config"
-    register_config_class(ConfigClass(config, model, "nemo.collections.llm.gpt.model.base.GPTConfig",
-                                      MappingProxyType(dict(parent_overrides))),
-                          {"model_transform": None, "model_context_managers": ()})
-    return model, config
-
-
-# Field values every parallel family shares in its config class (model.yaml states them all).
-LAYERNORM_ROPE = {
-    "normalization": "LayerNorm", "gated_linear_unit": False, "position_embedding_type": "rope",
-    "hidden_dropout": 0.0, "attention_dropout": 0.0, "share_embeddings_and_output_weights": False,
-    "seq_length": 2048, "bias_activation_fusion": False, "bias_dropout_fusion": False,
-}
-
-# ------------------------------------------------------------------ Falcon
+from hfnemo.io.nemo_configs import GELU
 
 
 def _norms(new: bool, parallel: bool, num_ln: int | None, where: str) -> str:
@@ -429,12 +97,12 @@ class FalconLayout(ConfigRule):
             raise ConfigError(f"num_query_groups={groups} contradicts new_decoder_architecture={new}, "
                               f"multi_query={mq} (Falcon then has {want} key/value heads)", file=where,
                               fix="fix num_query_groups or the Falcon flags in model.yaml")
-        _put(out, "new_decoder_architecture", new, False)
-        _put(out, "parallel_attn", par, True)
-        _put(out, "multi_query", mq, True)
-        _put(out, "num_ln_in_parallel_attn", num_ln, None)
+        put_unless_default(out, "new_decoder_architecture", new, False)
+        put_unless_default(out, "parallel_attn", par, True)
+        put_unless_default(out, "multi_query", mq, True)
+        put_unless_default(out, "num_ln_in_parallel_attn", num_ln, None)
         if new:  # elsewhere FalconAttention ignores num_kv_heads; the source's value stays
-            _put(out, "num_kv_heads", groups, nh)
+            put_unless_default(out, "num_kv_heads", groups, nh)
 
 
 @dataclass(frozen=True)
@@ -447,7 +115,7 @@ class FalconFfn(ConfigRule):
         out["ffn_hidden_size"] = hf.get("ffn_hidden_size") or 4 * int(hf["hidden_size"])
 
     def to_hf(self, nemo, out, where):
-        _put(out, "ffn_hidden_size", nemo["ffn_hidden_size"], 4 * int(nemo["hidden_size"]))
+        put_unless_default(out, "ffn_hidden_size", nemo["ffn_hidden_size"], 4 * int(nemo["hidden_size"]))
 
 
 @dataclass(frozen=True)
@@ -465,7 +133,7 @@ class FalconBias(ConfigRule):
             raise ConfigError(f"add_qkv_bias={nemo.get('add_qkv_bias')} differs from add_bias_linear={b}; "
                               "Falcon has one bias flag for all linears", file=where,
                               fix="this model variant needs a spec of its own: please open an issue")
-        _put(out, "bias", b, False)
+        put_unless_default(out, "bias", b, False)
 
 
 T = "transformer.h.{l}."
@@ -499,7 +167,7 @@ RULES = (
 )
 
 CONFIG = (
-    Requires("alibi", False, "ALiBi attention (falcon-rw-*) has no Megatron-Core position embedding"),
+    Allowed("alibi", (None, False), "ALiBi attention (falcon-rw-*) has no Megatron-Core position embedding"),
     Field("num_hidden_layers", "num_layers"),
     Field("hidden_size", "hidden_size"),
     FalconFfn(),
@@ -507,23 +175,23 @@ CONFIG = (
     FalconLayout(),
     KvChannels(),
     FalconBias(),
-    HfDefault("layer_norm_epsilon", "layernorm_epsilon", 1e-5),
-    HfDefault("initializer_range", "init_method_std", 0.02),
-    HfDefault("max_position_embeddings", "seq_length", 2048),
-    HfDefault("hidden_dropout", "hidden_dropout", 0.0),
-    HfDefault("attention_dropout", "attention_dropout", 0.0),
+    SparseField("layer_norm_epsilon", "layernorm_epsilon", 1e-5),
+    SparseField("initializer_range", "init_method_std", 0.02),
+    SparseField("max_position_embeddings", "seq_length", 2048),
+    SparseField("hidden_dropout", "hidden_dropout", 0.0),
+    SparseField("attention_dropout", "attention_dropout", 0.0),
     # FalconConfig ties by default (falcon-7b/40b configs do not say)
-    HfDefault("tie_word_embeddings", "share_embeddings_and_output_weights", True),
+    SparseField("tie_word_embeddings", "share_embeddings_and_output_weights", True),
     Field("vocab_size", "vocab_size"),
     VocabDivisor(),
     Activation("activation", "gelu"),
     RopeBase(("rope_theta",)),
-    Emit("rotary_percent", 1.0),
+    Const("rotary_percent", 1.0),
     PlainRope(),
-    Emit("normalization", "LayerNorm"),
-    Emit("gated_linear_unit", False),
-    Emit("position_embedding_type", "rope"),
-    Emit("output_layer_bias", False),
+    Const("normalization", "LayerNorm"),
+    Const("gated_linear_unit", False),
+    Const("position_embedding_type", "rope"),
+    Const("output_layer_bias", False),
     ParamsDType(),
 )
 
@@ -562,10 +230,6 @@ _MODEL, _CONFIG = register("Falcon", {
     "num_ln_in_parallel_attn": None, "output_layer_bias": False,
 })
 
-# Transformer Engine modules with _extra_state: the Llama spec's five. Whether NeMo 1's TENorm
-# norms carry one too depends on the TE version (spec §3.4); loaders then use log_all strictness.
-EXTRA_STATE = ("self_attention.core_attention", "self_attention.linear_proj", "self_attention.linear_qkv",
-               "mlp.linear_fc1", "mlp.linear_fc2")
 
 FALCON = ArchSpec(
     name="falcon",
@@ -575,7 +239,9 @@ FALCON = ArchSpec(
     nemo_config=_CONFIG,
     rules=RULES,
     config_rules=CONFIG,
-    extra_state=EXTRA_STATE,
+    # The Llama spec's five. Whether NeMo 1's TENorm norms carry one too depends on the TE version
+    # (spec §3.4); loaders then use log_all strictness.
+    extra_state=DENSE_TE_MODULES,
     dims_from_hf=_falcon_hf_dims,
     dims_from_nemo=_falcon_nemo_dims,
 )

@@ -14,96 +14,19 @@ models the values coincide, so only vocab_size appears in io.json beyond NVIDIA'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from hfnemo.arch.config_rules import (ConfigRule, Const, Field, HeadDim, ParamsDType, QueryGroups,
-                                      VocabDivisor)
-from hfnemo.arch.rules import Dims, FuseGateUp, FuseQKV, Rename, TiedOutput
-from hfnemo.arch.spec import ArchSpec
-from hfnemo.arch.spec import dims_from_nemo as _default_dims_from_nemo
+from hfnemo.arch.config_rules import (OPENAI_GELU, Allowed, ConfigRule, Const, ExplicitVocab, Field, HeadDim,
+                                      Implicit, NullableField, ParamsDType, QueryGroups, VocabDivisor)
+from hfnemo.arch.rules import DENSE_TE_MODULES, FuseGateUp, FuseQKV, Rename, TiedOutput
+from hfnemo.arch.spec import ArchSpec, dims_from_nemo_any_vocab
 from hfnemo.errors import ConfigError
 from hfnemo.io.nemo_configs import ConfigClass, PyCall, PyRef, register_config_class
 
 _GPT = "nemo.collections.llm.gpt.model"
-OPENAI_GELU = PyRef("nemo.collections.llm.fn.activation", "openai_gelu")  # tanh GELU = gelu_pytorch_tanh
 
 
-# ---- config rules Gemma and Phi-3 need beyond config_rules.py (phi3.py imports them) ----------
-@dataclass(frozen=True)
-class Implicit(ConfigRule):
-    """Run ``rule`` but leave ``nemo`` out of the explicit arguments when it equals the value the
-    config class implies (``default``, or the value of NeMo field ``default_from``), as NVIDIA's
-    importer does. Export reads model.yaml, where every field is present, so nothing is lost."""
-
-    rule: ConfigRule
-    nemo: str
-    default: Any = None
-    default_from: str | None = None
-
-    @property
-    def hf_keys(self) -> tuple[str, ...]:  # type: ignore[override]
-        return self.rule.hf_keys
-
-    def to_nemo(self, hf, out, where):
-        tmp: dict[str, Any] = {}
-        self.rule.to_nemo(hf, tmp, where)
-        implied = out.get(self.default_from) if self.default_from else self.default
-        out.update({k: v for k, v in tmp.items() if not (k == self.nemo and v == implied)})
-
-    def to_hf(self, nemo, out, where):
-        self.rule.to_hf(nemo, out, where)
-
-
-@dataclass(frozen=True)
-class Nullable(ConfigRule):
-    """A field whose null is meaningful (a soft-cap of None is no cap), unlike Field's."""
-
-    hf: str
-    nemo: str
-    default: Any
-
-    @property
-    def hf_keys(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (self.hf,)
-
-    def to_nemo(self, hf, out, where):
-        out[self.nemo] = hf.get(self.hf, self.default)
-
-    def to_hf(self, nemo, out, where):
-        out[self.hf] = nemo.get(self.nemo)
-
-
-def nemo_vocab(nemo: dict[str, Any], where: str) -> int:
-    """vocab_size of a NeMo config, or, when NVIDIA's importer left it to the tokenizer (null), the
-    HF vocab_size hfnemo kept, else the embedding's row count (api passes both). That count is the HF
-    vocab_size whenever NVIDIA's import succeeded: the embedding is built with the tokenizer's length
-    padded to make_vocab_size_divisible_by, which divides the HF vocab_size, and the HF tensor was
-    copied into it. (NVIDIA's exporter uses the tokenizer's length instead and drops rows.)"""
-    for key in ("vocab_size", "hf_vocab_size", "embedding_rows"):
-        if nemo.get(key):
-            return int(nemo[key])
-    raise ConfigError("model.yaml has no vocab_size and no embedding to take it from", file=where,
-                      fix="set config.vocab_size in context/model.yaml to the HF vocab_size")
-
-
-@dataclass(frozen=True)
-class ExplicitVocab(ConfigRule):
-    """vocab_size, always explicit on import (the embedding then never depends on the tokenizer)."""
-
-    hf_keys = ("vocab_size",)
-
-    def to_nemo(self, hf, out, where):
-        out["vocab_size"] = int(hf["vocab_size"])
-
-    def to_hf(self, nemo, out, where):
-        out["vocab_size"] = nemo_vocab(nemo, where)
-
-
-def dims_from_nemo_any_vocab(cfg: dict[str, Any], where: str) -> Dims:
-    return _default_dims_from_nemo({**cfg, "vocab_size": nemo_vocab(cfg, where)}, where)
-
-
+# ---- config rules of Gemma's own (the shared ones are in config_rules.py) -------------------
 @dataclass(frozen=True)
 class TanhGelu(ConfigRule):
     """HF's activation must be the tanh GELU Megatron's openai_gelu computes. Gemma 1 configs on the
@@ -166,29 +89,9 @@ class AlternatingWindow(ConfigRule):
 
 
 @dataclass(frozen=True)
-class Allowed(ConfigRule):
-    """An HF field that changes the computation, accepted only at the values NeMo's config implies."""
-
-    hf: str
-    values: tuple[Any, ...]
-
-    @property
-    def hf_keys(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (self.hf,)
-
-    def to_nemo(self, hf, out, where):
-        if hf.get(self.hf) not in self.values:
-            raise ConfigError(f"{self.hf}={hf.get(self.hf)!r} cannot be represented in NeMo's config for this "
-                              f"architecture (supported: {', '.join(map(repr, self.values))})", file=where,
-                              fix="this model variant needs a spec of its own: please open an issue")
-
-    def to_hf(self, nemo, out, where):
-        pass
-
-
-@dataclass(frozen=True)
-class NoRopeScaling(ConfigRule):
-    """Gemma has plain RoPE; a rope_scaling NeMo's Gemma configs cannot apply is refused."""
+class GemmaNoRopeScaling(ConfigRule):
+    """Gemma has plain RoPE; a rope_scaling NeMo's Gemma configs cannot apply is refused. (Not
+    config_rules.NoRopeScaling: this one also refuses rope_type null, and names Gemma's config.)"""
 
     hf_keys = ("rope_scaling",)
 
@@ -249,7 +152,7 @@ _COMMON = (
     ExplicitVocab(),
     Implicit(HeadDim(), "kv_channels", 256),  # GemmaConfig/Gemma2Config: kv_channels=256
     Implicit(Field("max_position_embeddings", "seq_length", 8192, 8192), "seq_length", 8192),
-    NoRopeScaling(),
+    GemmaNoRopeScaling(),
     Const("layernorm_zero_centered_gamma", True, emit=False),
     Const("normalization", "RMSNorm", emit=False),
     Const("position_embedding_type", "rope", emit=False),
@@ -266,8 +169,8 @@ GEMMA2_CONFIG = _COMMON + (
     TanhGelu(("hidden_activation",), legacy_ok=False),
     Allowed("use_bidirectional_attention", (None, False)),
     Field("query_pre_attn_scalar", "query_pre_attn_scalar", 256, 256),
-    Nullable("attn_logit_softcapping", "attn_logit_softcapping", 50.0),
-    Nullable("final_logit_softcapping", "final_logit_softcapping", 30.0),
+    NullableField("attn_logit_softcapping", "attn_logit_softcapping", 50.0),
+    NullableField("final_logit_softcapping", "final_logit_softcapping", 30.0),
     AlternatingWindow(),
     Const("gated_linear_unit", True, emit=False),
 )
@@ -313,10 +216,9 @@ for _c in (
     # GemmaModel / Gemma2Model take (config, optim, tokenizer, model_transform).
     register_config_class(_c, {"model_transform": None})
 
-# Layer modules with Transformer Engine _extra_state, state-dict order. Gemma: as Llama. Gemma 2: its
-# core attention is a plain MegatronModule (none), the post norms are TENorm (TE ops carry one).
-_TE_MODULES = ("self_attention.core_attention", "self_attention.linear_proj", "self_attention.linear_qkv",
-               "mlp.linear_fc1", "mlp.linear_fc2")
+# Layer modules with Transformer Engine _extra_state, state-dict order. Gemma: as Llama
+# (DENSE_TE_MODULES). Gemma 2: its core attention is a plain MegatronModule (none), the post norms
+# are TENorm (TE ops carry one).
 _GEMMA2_TE_MODULES = ("self_attention.linear_proj", "self_attention.linear_proj.post_layernorm",
                       "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2",
                       "mlp.linear_fc2.post_layernorm")
@@ -331,7 +233,7 @@ GEMMA = ArchSpec(
     nemo_config=f"{_GPT}.gemma.GemmaConfig",
     rules=RULES,
     config_rules=CONFIG,
-    extra_state=_TE_MODULES,
+    extra_state=DENSE_TE_MODULES,
     hf_defaults=_HF_DEFAULTS,
     dims_from_nemo=dims_from_nemo_any_vocab,
 )

@@ -12,12 +12,10 @@ so weight and bias copy as they are.
 """
 from __future__ import annotations
 
-from hfnemo.arch.config_rules import Field, ParamsDType, VocabDivisor
-from hfnemo.arch.falcon import (LAYERNORM_ROPE, Activation, Emit, Groups, HfDefault, KvChannels, PlainRope,
-                                Requires, RopeBase, RotaryPercent, checked_hf_dims, checked_nemo_dims,
-                                register)
-from hfnemo.arch.rules import Rename, TiedOutput
-from hfnemo.arch.spec import ArchSpec
+from hfnemo.arch.config_rules import (Activation, Allowed, Const, Field, KvChannels, ParamsDType, PlainRope,
+                                      RopeBase, RotaryPercent, SparseField, SparseQueryGroups, VocabDivisor)
+from hfnemo.arch.rules import DENSE_TE_MODULES, Rename, TiedOutput
+from hfnemo.arch.spec import LAYERNORM_ROPE, ArchSpec, checked_hf_dims, checked_nemo_dims, register
 from hfnemo.io.nemo_configs import GELU
 
 L = "gpt_neox.layers.{l}."
@@ -48,15 +46,15 @@ CONFIG = (
     Field("hidden_size", "hidden_size"),
     Field("intermediate_size", "ffn_hidden_size"),
     Field("num_attention_heads", "num_attention_heads"),
-    Groups(),  # multi-head only
+    SparseQueryGroups(),  # multi-head only
     KvChannels(),
-    HfDefault("layer_norm_eps", "layernorm_epsilon", 1e-5),
-    HfDefault("initializer_range", "init_method_std", 0.02),
-    HfDefault("max_position_embeddings", "seq_length", 2048),
-    HfDefault("hidden_dropout", "hidden_dropout", 0.0),
-    HfDefault("attention_dropout", "attention_dropout", 0.0),
-    HfDefault("use_parallel_residual", "parallel_residual", True),
-    HfDefault("tie_word_embeddings", "share_embeddings_and_output_weights", False),
+    SparseField("layer_norm_eps", "layernorm_epsilon", 1e-5),
+    SparseField("initializer_range", "init_method_std", 0.02),
+    SparseField("max_position_embeddings", "seq_length", 2048),
+    SparseField("hidden_dropout", "hidden_dropout", 0.0),
+    SparseField("attention_dropout", "attention_dropout", 0.0),
+    SparseField("use_parallel_residual", "parallel_residual", True),
+    SparseField("tie_word_embeddings", "share_embeddings_and_output_weights", False),
     Field("vocab_size", "vocab_size"),
     VocabDivisor(),
     Activation("hidden_act", "gelu"),  # Pythia: gelu; GPT-NeoX-20B: gelu_fast
@@ -65,13 +63,13 @@ CONFIG = (
     RotaryPercent(("rotary_pct", "partial_rotary_factor"), 0.25),
     PlainRope(extra=("partial_rotary_factor",)),
     # attention_bias=false drops the qkv/dense biases but not the MLP's; Megatron has one flag.
-    Requires("attention_bias", True, "Megatron-Core's add_bias_linear covers attention and MLP alike"),
-    Emit("add_bias_linear", True),
-    Emit("add_qkv_bias", True),
-    Emit("normalization", "LayerNorm"),
-    Emit("gated_linear_unit", False),
-    Emit("position_embedding_type", "rope"),
-    Emit("output_layer_bias", False),
+    Allowed("attention_bias", (None, True), "Megatron-Core's add_bias_linear covers attention and MLP alike"),
+    Const("add_bias_linear", True),
+    Const("add_qkv_bias", True),
+    Const("normalization", "LayerNorm"),
+    Const("gated_linear_unit", False),
+    Const("position_embedding_type", "rope"),
+    Const("output_layer_bias", False),
     ParamsDType(),
 )
 
@@ -90,8 +88,7 @@ GPTNEOX = ArchSpec(
     nemo_config=_CONFIG,
     rules=RULES,
     config_rules=CONFIG,
-    extra_state=("self_attention.core_attention", "self_attention.linear_proj", "self_attention.linear_qkv",
-                 "mlp.linear_fc1", "mlp.linear_fc2"),
+    extra_state=DENSE_TE_MODULES,
     # Buffers older transformers saved with the weights (causal mask, -1e9 fill, rotary table).
     hf_ignore_suffixes=("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq"),
     dims_from_hf=checked_hf_dims(CONFIG, "fused", True),

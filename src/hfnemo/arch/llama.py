@@ -5,7 +5,7 @@ merge_fc1) and mistral.py; Megatron-Bridge llama_bridge.py has the identical tab
 """
 from hfnemo.arch.config_rules import (Const, Field, HeadDim, MistralWindow, ParamsDType, QueryGroups,
                                       RopeScaling, VocabDivisor)
-from hfnemo.arch.rules import FuseGateUp, FuseQKV, Rename, TiedOutput
+from hfnemo.arch.rules import DENSE_TE_MODULES, FuseGateUp, FuseQKV, Rename, TiedOutput
 from hfnemo.arch.spec import ArchSpec
 
 L = "model.layers.{l}."
@@ -56,8 +56,6 @@ MISTRAL_CONFIG = _COMMON + (
 )
 
 _HF_DEFAULTS = {"attention_dropout": 0.0, "pretraining_tp": 1, "use_cache": True}
-_TE_MODULES = ("self_attention.core_attention", "self_attention.linear_proj", "self_attention.linear_qkv",
-               "mlp.linear_fc1", "mlp.linear_fc2")
 
 LLAMA = ArchSpec(
     name="llama",
@@ -68,7 +66,7 @@ LLAMA = ArchSpec(
     rules=RULES,
     config_rules=CONFIG,
     nemo_config_variants=(("scale_factor", "nemo.collections.llm.gpt.model.llama.Llama31Config"),),
-    extra_state=_TE_MODULES,
+    extra_state=DENSE_TE_MODULES,
     hf_defaults=_HF_DEFAULTS,
 )
 
@@ -80,6 +78,6 @@ MISTRAL = ArchSpec(
     nemo_config="nemo.collections.llm.gpt.model.mistral.MistralConfig7B",
     rules=RULES,
     config_rules=MISTRAL_CONFIG,
-    extra_state=_TE_MODULES,
+    extra_state=DENSE_TE_MODULES,
     hf_defaults={"attention_dropout": 0.0, "use_cache": True},
 )

@@ -13,29 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from hfnemo.arch.config_rules import Const, ConfigRule, Field, ParamsDType, QueryGroups
-from hfnemo.arch.qwen2 import ImportConst, NoRopeScaling
-from hfnemo.arch.rules import Dims, FuseGateUp, FuseQKV, Logical, Rename, VocabRename, _check
+from hfnemo.arch.config_rules import Const, ConfigRule, Field, ImportConst, NoRopeScaling, ParamsDType, QueryGroups
+from hfnemo.arch.rules import ATTENTION_TE_MODULES, Dims, FuseGateUp, FuseQKV, Rename, VocabRename
 from hfnemo.arch.spec import ArchSpec, _int, dims_from_hf, dims_from_nemo
 from hfnemo.errors import ConfigError
 from hfnemo.io.nemo_configs import SILU
-from hfnemo.plan.plan import Segment
 
 L = "model.layers.{l}."
 N = "decoder.layers.{l}."
 E = L + "block_sparse_moe.experts.{e}."  # HF expert e of layer l
 X = N + "mlp.experts.local_experts.{e}."  # Megatron SequentialMLP expert; stacked [L, E, ...] on disk
 VOCAB_DIVISOR = 128  # HFMixtralImporter: make_vocab_size_divisible_by=128, vocab_size left None
-
-
-@dataclass(frozen=True)
-class RouterRename(Rename):
-    """Router ``[E, H]``, renamed. A Rename of its own because rules._size has no symbol for the
-    expert count (reported: add "E" -> dims.experts there)."""
-
-    def _move(self, dims: Dims, t, out: str) -> list[Logical]:
-        _check(t, (dims.experts, dims.hidden), "num_local_experts x hidden_size")
-        return [Logical(out, t.shape, t.dtype, (Segment(0, t.shape[0], t.name, 0),), "copy")]
 
 
 RULES = (
@@ -47,7 +35,7 @@ RULES = (
     Rename(L + "self_attn.o_proj.weight", N + "self_attention.linear_proj.weight", ("H", "Q")),
     # MoE layers have no fused LayerNorm-linear: the MLP norm is a module of its own.
     Rename(L + "post_attention_layernorm.weight", N + "pre_mlp_layernorm.weight", ("H",)),
-    RouterRename(L + "block_sparse_moe.gate.weight", N + "mlp.router.weight", ()),
+    Rename(L + "block_sparse_moe.gate.weight", N + "mlp.router.weight", ("E", "H")),  # num_local_experts
     # w1 = gate, w3 = up: fc1 = cat(w1, w3), stored as two chunks per (layer, expert) like Megatron.
     FuseGateUp(E + "w1.weight", E + "w3.weight", X + "linear_fc1.weight"),
     Rename(E + "w2.weight", X + "linear_fc2.weight", ("H", "F")),
@@ -238,7 +226,7 @@ MIXTRAL = ArchSpec(
     nemo_config="nemo.collections.llm.gpt.model.mixtral.MixtralConfig8x7B",
     rules=RULES,
     config_rules=CONFIG,
-    extra_state=("self_attention.core_attention", "self_attention.linear_proj", "self_attention.linear_qkv"),
+    extra_state=ATTENTION_TE_MODULES,
     expert_extra_state=("mlp.experts.experts.linear_fc1", "mlp.experts.experts.linear_fc2"),
     hf_defaults=_HF_DEFAULTS,
     dims_from_hf=_dims_from_hf,

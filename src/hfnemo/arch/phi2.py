@@ -8,13 +8,11 @@ Provenance: transformers models/phi/modeling_phi.py (PhiDecoderLayer, PhiAttenti
 """
 from __future__ import annotations
 
-from hfnemo.arch.config_rules import Field, ParamsDType, VocabDivisor
-from hfnemo.arch.falcon import (LAYERNORM_ROPE, Activation, Emit, Groups, HfDefault, KvChannels, PlainRope,
-                                Requires, RopeBase, RotaryPercent, checked_hf_dims, checked_nemo_dims,
-                                register)
-from hfnemo.arch.rules import FuseQKV, Rename, TiedOutput
-from hfnemo.arch.spec import ArchSpec
-from hfnemo.io.nemo_configs import PyRef
+from hfnemo.arch.config_rules import (OPENAI_GELU, Activation, Allowed, Const, Field, KvChannels, ParamsDType,
+                                      PlainRope, RopeBase, RotaryPercent, SparseField, SparseQueryGroups,
+                                      VocabDivisor)
+from hfnemo.arch.rules import DENSE_TE_MODULES, FuseQKV, Rename, TiedOutput
+from hfnemo.arch.spec import LAYERNORM_ROPE, ArchSpec, checked_hf_dims, checked_nemo_dims, register
 
 L = "model.layers.{l}."
 A = L + "self_attn."
@@ -45,36 +43,36 @@ CONFIG = (
     Field("hidden_size", "hidden_size"),
     Field("intermediate_size", "ffn_hidden_size"),
     Field("num_attention_heads", "num_attention_heads"),
-    Groups("num_key_value_heads"),  # phi-1.5 writes null, Phi-2 32
+    SparseQueryGroups("num_key_value_heads"),  # phi-1.5 writes null, Phi-2 32
     KvChannels(),
-    HfDefault("layer_norm_eps", "layernorm_epsilon", 1e-5),
-    HfDefault("initializer_range", "init_method_std", 0.02),
-    HfDefault("max_position_embeddings", "seq_length", 2048),
-    HfDefault("resid_pdrop", "hidden_dropout", 0.0),
-    HfDefault("attention_dropout", "attention_dropout", 0.0),
+    SparseField("layer_norm_eps", "layernorm_epsilon", 1e-5),
+    SparseField("initializer_range", "init_method_std", 0.02),
+    SparseField("max_position_embeddings", "seq_length", 2048),
+    SparseField("resid_pdrop", "hidden_dropout", 0.0),
+    SparseField("attention_dropout", "attention_dropout", 0.0),
     # Megatron drops embeddings with hidden_dropout; Phi has a separate rate (hfnemo field).
-    HfDefault("embd_pdrop", "embedding_dropout", 0.0),
-    HfDefault("tie_word_embeddings", "share_embeddings_and_output_weights", False),
+    SparseField("embd_pdrop", "embedding_dropout", 0.0),
+    SparseField("tie_word_embeddings", "share_embeddings_and_output_weights", False),
     Field("vocab_size", "vocab_size"),
     VocabDivisor(),
     Activation("hidden_act", "gelu_new"),
     RopeBase(("rope_theta",)),
     RotaryPercent(("partial_rotary_factor",), 0.5),  # PhiConfig's default; Phi-2 sets 0.4
     PlainRope(extra=("partial_rotary_factor",)),
-    Requires("qk_layernorm", False,
-             "per-head q/k LayerNorms (with biases) have no mapping in hfnemo's Phi layout"),
-    Emit("add_bias_linear", True),
-    Emit("add_qkv_bias", True),
-    Emit("normalization", "LayerNorm"),
-    Emit("gated_linear_unit", False),
-    Emit("position_embedding_type", "rope"),
-    Emit("parallel_attention", True),
-    Emit("output_layer_bias", True),
+    Allowed("qk_layernorm", (None, False),
+            "per-head q/k LayerNorms (with biases) have no mapping in hfnemo's Phi layout"),
+    Const("add_bias_linear", True),
+    Const("add_qkv_bias", True),
+    Const("normalization", "LayerNorm"),
+    Const("gated_linear_unit", False),
+    Const("position_embedding_type", "rope"),
+    Const("parallel_attention", True),
+    Const("output_layer_bias", True),
     ParamsDType(),
 )
 
 _MODEL, _CONFIG = register("Phi2", {
-    **LAYERNORM_ROPE, "activation_func": PyRef("nemo.collections.llm.fn.activation", "openai_gelu"),
+    **LAYERNORM_ROPE, "activation_func": OPENAI_GELU,
     "add_bias_linear": True, "add_qkv_bias": True, "rotary_percent": 0.4, "hidden_dropout": 0.1,
     # hfnemo fields (docs/formats.md)
     "parallel_attention": True, "output_layer_bias": True, "embedding_dropout": 0.0,
@@ -89,8 +87,7 @@ PHI2 = ArchSpec(
     nemo_config=_CONFIG,
     rules=RULES,
     config_rules=CONFIG,
-    extra_state=("self_attention.core_attention", "self_attention.linear_proj", "self_attention.linear_qkv",
-                 "mlp.linear_fc1", "mlp.linear_fc2"),
+    extra_state=DENSE_TE_MODULES,
     dims_from_hf=checked_hf_dims(CONFIG, "shared", True),
     dims_from_nemo=checked_nemo_dims(CONFIG, "shared", True),
 )

@@ -17,84 +17,17 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from hfnemo.arch.config_rules import ConfigRule, Const, Field, ParamsDType, QueryGroups, VocabDivisor
-from hfnemo.arch.gemma import ExplicitVocab, Implicit, dims_from_nemo_any_vocab
-from hfnemo.arch.rules import Dims, Logical, Rename, Rule, TiedOutput, _check, _need, _size
-from hfnemo.arch.spec import ArchSpec
+from hfnemo.arch.config_rules import (ConfigRule, Const, ExplicitVocab, Field, Implicit, ParamsDType, QueryGroups,
+                                      VocabDivisor)
+from hfnemo.arch.rules import DENSE_TE_MODULES, FusedGateUp, Rename, SplitQKV, TiedOutput
+from hfnemo.arch.spec import ArchSpec, dims_from_nemo_any_vocab
 from hfnemo.errors import ConfigError
 from hfnemo.io.nemo_configs import SILU, ConfigClass, register_config_class
-from hfnemo.plan.plan import Segment
 
 _GPT = "nemo.collections.llm.gpt.model"
 
 
-# ---- tensor rules (rules.py has no rule for a fused HF source) --------------------------------
-@dataclass(frozen=True)
-class SplitQKV(Rule):
-    """HF's fused ``qkv_proj`` ``[(nh + 2ng)·d, H]`` = cat(q, k, v) ⇄ Megatron's linear_qkv, which holds
-    the same rows regrouped per query group: the group's q heads, its k head, its v head (§4.1).
-    Both directions are row gathers out of one tensor."""
-
-    hf: str
-    nemo: str
-
-    def hf_names(self, dims: Dims) -> tuple[str, ...]:
-        return (self.hf,)
-
-    def nemo_names(self, dims: Dims) -> tuple[str, ...]:
-        return (self.nemo,)
-
-    @staticmethod
-    def _pairs(dims: Dims) -> list[tuple[int, int, int]]:
-        """(Megatron row, HF row, rows) for each contiguous run."""
-        d, hpg, nh, ng = dims.head_dim, dims.heads_per_group, dims.heads, dims.groups
-        group = (hpg + 2) * d
-        out = []
-        for g in range(ng):
-            out.append((g * group, g * hpg * d, hpg * d))  # q heads of group g
-            out.append((g * group + hpg * d, nh * d + g * d, d))  # k head
-            out.append((g * group + (hpg + 1) * d, (nh + ng) * d + g * d, d))  # v head
-        return out
-
-    def hf_to_nemo(self, dims, src, fmt):
-        t = _need(src, self.hf.format(**fmt))
-        _check(t, (_size(dims, "QKV"), dims.hidden), "(heads + 2 x kv heads) x head_dim, hidden")
-        segs = tuple(Segment(m, n, t.name, h) for m, h, n in self._pairs(dims))
-        return [Logical(self.nemo.format(**fmt), t.shape, t.dtype, segs, "qkv_interleave")]
-
-    def nemo_to_hf(self, dims, src, fmt):
-        t = _need(src, self.nemo.format(**fmt))
-        _check(t, (_size(dims, "QKV"), dims.hidden), "(heads + 2 x kv heads) x head_dim, hidden")
-        segs = tuple(sorted((Segment(h, n, t.name, m) for m, h, n in self._pairs(dims)), key=lambda s: s.out_row))
-        return [Logical(self.hf.format(**fmt), t.shape, t.dtype, segs, "qkv_split")]
-
-
-@dataclass(frozen=True)
-class FusedGateUp(Rule):
-    """HF's ``gate_up_proj`` ``[2F, H]`` is already [gate; up], Megatron's linear_fc1 layout: same
-    bytes, but stored as two chunks per layer (gate rows, up rows) as Megatron writes GLU fc1."""
-
-    hf: str
-    nemo: str
-
-    def hf_names(self, dims):
-        return (self.hf,)
-
-    def nemo_names(self, dims):
-        return (self.nemo,)
-
-    def _move(self, dims: Dims, src, name: str, out: str, splits: tuple[int, ...]) -> list[Logical]:
-        t = _need(src, name)
-        _check(t, (2 * dims.ffn, dims.hidden), "2 x intermediate_size (gate and up), hidden")
-        return [Logical(out, t.shape, t.dtype, (Segment(0, 2 * dims.ffn, t.name, 0),), "copy", row_splits=splits)]
-
-    def hf_to_nemo(self, dims, src, fmt):
-        return self._move(dims, src, self.hf.format(**fmt), self.nemo.format(**fmt), (dims.ffn,))
-
-    def nemo_to_hf(self, dims, src, fmt):
-        return self._move(dims, src, self.nemo.format(**fmt), self.hf.format(**fmt), ())
-
-
+# SplitQKV and FusedGateUp (rules.py) take HF's fused qkv_proj and gate_up_proj.
 L = "model.layers.{l}."
 N = "decoder.layers.{l}."
 RULES = (
@@ -237,8 +170,7 @@ PHI3 = ArchSpec(
     nemo_config=f"{_GPT}.phi3mini.Phi3Config",
     rules=RULES,
     config_rules=CONFIG,
-    extra_state=("self_attention.core_attention", "self_attention.linear_proj", "self_attention.linear_qkv",
-                 "mlp.linear_fc1", "mlp.linear_fc2"),
+    extra_state=DENSE_TE_MODULES,
     # 4.x Phi3Config fields, for an export without the original config.json.
     hf_defaults={"attention_dropout": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0, "use_cache": True,
                  "partial_rotary_factor": 1.0},

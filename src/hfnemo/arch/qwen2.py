@@ -9,10 +9,9 @@ tied lm_head; hfnemo keeps the tie both ways (no output_layer on the NeMo side).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from hfnemo.arch.config_rules import Const, ConfigRule, Field, ParamsDType, QueryGroups
-from hfnemo.arch.rules import FuseGateUp, FuseQKV, Rename, TiedOutput
+from hfnemo.arch.config_rules import Const, ConfigRule, Field, ImportConst, NoRopeScaling, ParamsDType, QueryGroups
+from hfnemo.arch.rules import DENSE_TE_MODULES, FuseGateUp, FuseQKV, Rename, TiedOutput
 from hfnemo.arch.spec import ArchSpec
 from hfnemo.errors import ConfigError
 
@@ -34,43 +33,6 @@ RULES = (
     Rename("model.norm.weight", "decoder.final_layernorm.weight", ("H",)),
     TiedOutput("lm_head.weight", "output_layer.weight"),
 )
-
-
-@dataclass(frozen=True)
-class ImportConst(ConfigRule):
-    """A NeMo field NVIDIA's importer sets to a fixed value that says nothing about the weights
-    (e.g. make_vocab_size_divisible_by=128 next to an explicit vocab_size); export ignores it, so a
-    checkpoint trained with another value still exports."""
-
-    nemo: str
-    value: Any
-
-    def to_nemo(self, hf, out, where):
-        out[self.nemo] = self.value
-
-    def to_hf(self, nemo, out, where):
-        pass
-
-
-@dataclass(frozen=True)
-class NoRopeScaling(ConfigRule):
-    """NVIDIA's Qwen2 and Mixtral importers ignore rope_scaling (YaRN etc.); dropping it would change
-    the model, so hfnemo refuses instead. Export leaves the field as the source config had it."""
-
-    hf_keys = ("rope_scaling",)
-
-    def to_nemo(self, hf, out, where):
-        rs = hf.get("rope_scaling")
-        kind = rs.get("rope_type", rs.get("type")) if isinstance(rs, dict) else rs
-        if kind not in (None, "default"):
-            raise ConfigError(f"rope_scaling {rs!r} cannot be carried: NeMo's config for this family has no "
-                              "rope-scaling fields", file=where,
-                              fix="remove rope_scaling from config.json only if the model was not trained "
-                                  "with it; otherwise this variant needs a spec of its own (please open an "
-                                  "issue)")
-
-    def to_hf(self, nemo, out, where):
-        pass
 
 
 @dataclass(frozen=True)
@@ -155,8 +117,6 @@ CONFIG = (
 _HF_DEFAULTS = {"attention_dropout": 0.0, "use_cache": True, "rope_scaling": None,
                 "use_sliding_window": False, "sliding_window": None, "max_window_layers": 28,
                 "layer_types": None}
-_TE_MODULES = ("self_attention.core_attention", "self_attention.linear_proj", "self_attention.linear_qkv",
-               "mlp.linear_fc1", "mlp.linear_fc2")
 
 
 QWEN2 = ArchSpec(
@@ -167,7 +127,7 @@ QWEN2 = ArchSpec(
     nemo_config="nemo.collections.llm.gpt.model.qwen2.Qwen2Config",
     rules=RULES,
     config_rules=CONFIG,
-    extra_state=_TE_MODULES,
+    extra_state=DENSE_TE_MODULES,
     hf_defaults=_HF_DEFAULTS,
     tokenizer_args=(("trust_remote_code", True),),
 )

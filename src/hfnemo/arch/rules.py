@@ -8,8 +8,8 @@ wrong config or a wrong tensor is reported before anything is written.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
 
 from hfnemo.errors import ShapeMismatch
 from hfnemo.plan.plan import Segment, SourceTensor
@@ -37,6 +37,26 @@ class Dims:
     @property
     def nemo_vocab(self) -> int:
         return self.vocab_padded or self.vocab
+
+
+@dataclass(frozen=True)
+class ParallelDims(Dims):
+    """Dims plus what selects tensors in the parallel-block families (Falcon, GPT-NeoX, Phi-2):
+    which norms a layer has, and linear biases. (From falcon.py.)"""
+
+    norms: str = "shared"  # "shared": one input norm; "two": attention + MLP norms; "sequential"; "fused"
+    bias: bool = True
+
+
+def with_layout(base: Dims, norms: str, bias: bool) -> ParallelDims:
+    return ParallelDims(**{f.name: getattr(base, f.name) for f in fields(base)}, norms=norms, bias=bias)
+
+
+# Transformer Engine modules of one layer that carry _extra_state, in state-dict order (ArchSpec's
+# extra_state). Dense: the Llama spec's five (NVIDIA's Llama/Qwen2/Gemma/Phi-3 checkpoints); a MoE
+# layer (Mixtral) has the attention three, its experts' linears go to expert_extra_state.
+ATTENTION_TE_MODULES = ("self_attention.core_attention", "self_attention.linear_proj", "self_attention.linear_qkv")
+DENSE_TE_MODULES = ATTENTION_TE_MODULES + ("mlp.linear_fc1", "mlp.linear_fc2")
 
 
 @dataclass(frozen=True)
@@ -296,3 +316,106 @@ class VocabRename(Rule):
             _check(t, ((dims.nemo_vocab,) + want[1:]), "padded vocab x hidden_size")
         return [Logical(self.hf.format(**fmt), (dims.vocab, *t.shape[1:]), t.dtype, (Segment(0, dims.vocab, t.name, 0),),
                         "copy" if t.shape[0] == dims.vocab else "prune_vocab")]
+
+
+@dataclass(frozen=True)
+class When(Rule):
+    """``rule`` for the variants whose ``dims.<attr>`` is in ``values``; no tensors otherwise.
+    (ArchSpec.rules is one static table, but Falcon's norms and biases depend on the config; from
+    falcon.py.)"""
+
+    attr: str
+    values: tuple[Any, ...]
+    rule: Rule
+
+    def _on(self, dims: Dims) -> bool:
+        return getattr(dims, self.attr) in self.values
+
+    def hf_names(self, dims):
+        return self.rule.hf_names(dims) if self._on(dims) else ()
+
+    def nemo_names(self, dims):
+        return self.rule.nemo_names(dims) if self._on(dims) else ()
+
+    def hf_to_nemo(self, dims, src, fmt):
+        return self.rule.hf_to_nemo(dims, src, fmt) if self._on(dims) else []
+
+    def nemo_to_hf(self, dims, src, fmt):
+        return self.rule.nemo_to_hf(dims, src, fmt) if self._on(dims) else []
+
+    @property
+    def per_layer(self) -> bool:  # the wrapped rule's names carry {l}, not this wrapper's strings
+        return self.rule.per_layer
+
+    @property
+    def per_expert(self) -> bool:
+        return self.rule.per_expert
+
+
+# ---- fused HF sources (from phi3.py: Phi-3's qkv_proj and gate_up_proj) --------------------------
+@dataclass(frozen=True)
+class SplitQKV(Rule):
+    """HF's fused ``qkv_proj`` ``[(nh + 2ng)·d, H]`` = cat(q, k, v) ⇄ Megatron's linear_qkv, which holds
+    the same rows regrouped per query group: the group's q heads, its k head, its v head (§4.1).
+    Both directions are row gathers out of one tensor. Provenance: NeMo r2.5 phi3mini.py
+    HFPhi3Importer._import_qkv / HFPhi3Exporter._export_qkv."""
+
+    hf: str
+    nemo: str
+
+    def hf_names(self, dims: Dims) -> tuple[str, ...]:
+        return (self.hf,)
+
+    def nemo_names(self, dims: Dims) -> tuple[str, ...]:
+        return (self.nemo,)
+
+    @staticmethod
+    def _pairs(dims: Dims) -> list[tuple[int, int, int]]:
+        """(Megatron row, HF row, rows) for each contiguous run."""
+        d, hpg, nh, ng = dims.head_dim, dims.heads_per_group, dims.heads, dims.groups
+        group = (hpg + 2) * d
+        out = []
+        for g in range(ng):
+            out.append((g * group, g * hpg * d, hpg * d))  # q heads of group g
+            out.append((g * group + hpg * d, nh * d + g * d, d))  # k head
+            out.append((g * group + (hpg + 1) * d, (nh + ng) * d + g * d, d))  # v head
+        return out
+
+    def hf_to_nemo(self, dims, src, fmt):
+        t = _need(src, self.hf.format(**fmt))
+        _check(t, (_size(dims, "QKV"), dims.hidden), "(heads + 2 x kv heads) x head_dim, hidden")
+        segs = tuple(Segment(m, n, t.name, h) for m, h, n in self._pairs(dims))
+        return [Logical(self.nemo.format(**fmt), t.shape, t.dtype, segs, "qkv_interleave")]
+
+    def nemo_to_hf(self, dims, src, fmt):
+        t = _need(src, self.nemo.format(**fmt))
+        _check(t, (_size(dims, "QKV"), dims.hidden), "(heads + 2 x kv heads) x head_dim, hidden")
+        segs = tuple(sorted((Segment(h, n, t.name, m) for m, h, n in self._pairs(dims)), key=lambda s: s.out_row))
+        return [Logical(self.hf.format(**fmt), t.shape, t.dtype, segs, "qkv_split")]
+
+
+@dataclass(frozen=True)
+class FusedGateUp(Rule):
+    """HF's ``gate_up_proj`` ``[2F, H]`` is already [gate; up], Megatron's linear_fc1 layout: same
+    bytes, but stored as two chunks per layer (gate rows, up rows) as Megatron writes GLU fc1
+    (phi3mini.py copies it as it is)."""
+
+    hf: str
+    nemo: str
+
+    def hf_names(self, dims):
+        return (self.hf,)
+
+    def nemo_names(self, dims):
+        return (self.nemo,)
+
+    def _move(self, dims: Dims, src, name: str, out: str, splits: tuple[int, ...]) -> list[Logical]:
+        t = _need(src, name)
+        _check(t, (2 * dims.ffn, dims.hidden), "2 x intermediate_size (gate and up), hidden")
+        return [Logical(out, t.shape, t.dtype, (Segment(0, 2 * dims.ffn, t.name, 0),), "copy", row_splits=splits)]
+
+    def hf_to_nemo(self, dims, src, fmt):
+        return self._move(dims, src, self.hf.format(**fmt), self.nemo.format(**fmt), (dims.ffn,))
+
+    def nemo_to_hf(self, dims, src, fmt):
+        return self._move(dims, src, self.nemo.format(**fmt), self.hf.format(**fmt), ())

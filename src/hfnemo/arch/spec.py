@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from hfnemo.arch.config_rules import ConfigRule
-from hfnemo.arch.rules import Dims, Rule
+from hfnemo.arch.config_rules import ConfigRule, nemo_vocab
+from hfnemo.arch.rules import Dims, ParallelDims, Rule, with_layout
 from hfnemo.errors import ConfigError
+from hfnemo.io.nemo_configs import ConfigClass, register_config_class
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,53 @@ def dims_from_nemo(cfg: Mapping[str, Any], where: str) -> Dims:
         head_dim=int(head_dim), ffn=_int(cfg, "ffn_hidden_size", where), vocab=int(vocab),
         tied=bool(cfg.get("share_embeddings_and_output_weights", False)),
     )
+
+
+def dims_from_nemo_any_vocab(cfg: Mapping[str, Any], where: str) -> Dims:
+    """dims_from_nemo with nemo_vocab's fallbacks for a null vocab_size (Gemma, Phi-3)."""
+    return dims_from_nemo({**cfg, "vocab_size": nemo_vocab(cfg, where)}, where)
+
+
+# ---- the parallel-block families hfnemo defines itself (Falcon, GPT-NeoX, Phi-2; from falcon.py) ----
+def checked_hf_dims(config_rules: tuple[ConfigRule, ...], norms: str, bias: bool):
+    """A dims_from_hf that first runs the config rules, so that an unsupported field is reported by
+    name before tensors are matched (else it would surface as missing or unclaimed tensors)."""
+
+    def dims(cfg: Mapping[str, Any], where: str) -> ParallelDims:
+        for rule in config_rules:
+            rule.to_nemo(cfg, {}, where)
+        return with_layout(dims_from_hf(cfg, where), norms, bias)
+
+    return dims
+
+
+def checked_nemo_dims(config_rules: tuple[ConfigRule, ...], norms: str, bias: bool):
+    """The export counterpart of checked_hf_dims (e.g. output_layer_bias=false for Phi-2)."""
+
+    def dims(cfg: Mapping[str, Any], where: str) -> ParallelDims:
+        for rule in config_rules:
+            rule.to_hf(cfg, {}, where)
+        return with_layout(dims_from_nemo(cfg, where), norms, bias)
+
+    return dims
+
+
+def register(name: str, parent_overrides: Mapping[str, Any]) -> tuple[str, str]:
+    """Register hfnemo.nemo.<name>Config (parent GPTConfig) for io.json / model.yaml; returns the
+    (model, config) targets. NeMo cannot import these: they name layouts hfnemo defines."""
+    model, config = f"hfnemo.nemo.{name}Model", f"hfnemo.nemo.{name}Config"
+    register_config_class(ConfigClass(config, model, "nemo.collections.llm.gpt.model.base.GPTConfig",
+                                      MappingProxyType(dict(parent_overrides))),
+                          {"model_transform": None, "model_context_managers": ()})
+    return model, config
+
+
+# Field values every parallel family shares in its config class (model.yaml states them all).
+LAYERNORM_ROPE = {
+    "normalization": "LayerNorm", "gated_linear_unit": False, "position_embedding_type": "rope",
+    "hidden_dropout": 0.0, "attention_dropout": 0.0, "share_embeddings_and_output_weights": False,
+    "seq_length": 2048, "bias_activation_fusion": False, "bias_dropout_fusion": False,
+}
 
 
 def hf_to_nemo_config(spec: ArchSpec, hf: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]]:
