@@ -99,8 +99,10 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 def _run_convert(args: argparse.Namespace, src: str, dst: str, to: str) -> int:
+    from hfnemo import kernels
     from hfnemo.api import convert
 
+    kernels.WARN_FALLBACK = not args.quiet
     update, close = _progress(not args.quiet and sys.stderr.isatty())
     try:
         if to == "reshard":

@@ -13,6 +13,7 @@ from hfnemo.kernels.api import Backend
 
 _CACHE: dict[str, Backend] = {}
 _warned = False
+WARN_FALLBACK = True  # the CLI's --quiet turns the one-line fallback warning off
 
 
 def _load(name: str) -> Backend:
@@ -45,7 +46,7 @@ def get_backend(name: str = "auto", *, device: str = "cpu", threads: int | None 
         try:
             b = _load("cpp")
         except ImportError:
-            if not _warned:
+            if not _warned and WARN_FALLBACK:
                 print("hfnemo: native kernels not built (hfnemo._C missing); using the torch reference",
                       file=sys.stderr)
                 _warned = True
