@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("latest", help="print the newest *-last checkpoint of a training run")
     p.add_argument("run_dir")
     p.add_argument("-v", "--verbose", action="store_true")
-    p = sub.add_parser("archs", help="list supported architectures")
+    p = sub.add_parser("archs", help="the table of supported architectures and their status")
+    p.add_argument("--json", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     p = sub.add_parser("llm", help="NVIDIA guide syntax: hfnemo llm import|export -y key=value ...")
     p.add_argument("action", choices=["import", "export"])
@@ -230,10 +231,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(find_latest(args.run_dir))
             return 0
         if args.cmd == "archs":
-            from hfnemo.arch import ARCH_TABLE
+            from hfnemo.arch import status_table
 
-            for name, (module, attr) in sorted(ARCH_TABLE.items()):
-                print(f"{name:28s} {attr.lower():10s} both directions")
+            rows = status_table()
+            if args.json:
+                print(json.dumps(rows))
+                return 0
+            print(f"{'architecture':24s} {'family':8s} {'NeMo model':28s} status")
+            for r in rows:
+                print(f"{r['architecture']:24s} {r['family']:8s} {r['nemo_model'].rsplit('.', 1)[-1]:28s} {r['status']}")
             return 0
         if args.cmd == "llm":
             return _llm(args)
