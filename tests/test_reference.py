@@ -181,3 +181,18 @@ def test_export_with_io_json_only(tmp_path: Path, model: str) -> None:
     assert r.returncode == 0, r.stderr
     a, b = load_hf_state(REF / model / "hf"), load_hf_state(tmp_path / "hf")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_import_equals_nvidia_mistral(tmp_path: Path) -> None:
+    ours = tmp_path / "nemo"
+    hfnemo.convert(REF / "mistral" / "hf", ours)
+    want, got = chunk_table(REF / "mistral" / "nemo" / "weights"), chunk_table(ours / "weights")
+    assert want.keys() == got.keys() and all(want[k] == got[k] for k in want)
+    ref_cfg = yaml.safe_load((REF / "mistral/nemo/context/model.yaml").read_text())
+    our_cfg = yaml.safe_load((ours / "context/model.yaml").read_text())
+    # The one deliberate difference: hfnemo states vocab_size instead of leaving it to the tokenizer.
+    assert ref_cfg["config"].pop("vocab_size") is None and our_cfg["config"].pop("vocab_size") == 320
+    assert ref_cfg == our_cfg
+    hfnemo.convert(REF / "mistral" / "nemo", tmp_path / "hf")
+    a, b = load_hf_state(REF / "mistral" / "hf"), load_hf_state(tmp_path / "hf")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

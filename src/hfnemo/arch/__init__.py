@@ -42,7 +42,7 @@ NEMO_MODELS: dict[str, str] = {
 
 # Families whose import is tested key by key and byte by byte against NVIDIA NeMo 2.5's own importer
 # output (tests/data/nvidia/<family>, tests/test_reference.py and tests/test_arch_*.py).
-CHECKED_AGAINST_NVIDIA = frozenset({"llama", "mixtral", "qwen2", "gemma", "phi3"})
+CHECKED_AGAINST_NVIDIA = frozenset({"llama", "mistral", "mixtral", "qwen2", "gemma", "phi3"})
 
 
 def status_table() -> list[dict[str, str]]:

@@ -3,7 +3,7 @@
 Provenance: NeMo nemo/collections/llm/gpt/model/llama.py HFLlamaImporter (name map, merge_qkv,
 merge_fc1) and mistral.py; Megatron-Bridge llama_bridge.py has the identical table (spec §4.2).
 """
-from hfnemo.arch.config_rules import (Const, Field, HeadDim, MistralWindow, ParamsDType, QueryGroups,
+from hfnemo.arch.config_rules import (ExplicitVocab, Const, Field, HeadDim, MistralWindow, ParamsDType, QueryGroups,
                                       RopeScaling, VocabDivisor)
 from hfnemo.arch.rules import DENSE_TE_MODULES, FuseGateUp, FuseQKV, Rename, TiedOutput
 from hfnemo.arch.spec import ArchSpec
@@ -37,7 +37,7 @@ _COMMON = (
     Field("rms_norm_eps", "layernorm_epsilon", 1e-6, 1e-5),
     Field("rope_theta", "rotary_base", 10000.0, 10000.0),
     Field("tie_word_embeddings", "share_embeddings_and_output_weights", False, False),
-    Field("vocab_size", "vocab_size"),
+    ExplicitVocab(),  # NVIDIA: explicit for Llama, left to the tokenizer (null) for Mistral
     VocabDivisor(),
     Const("gated_linear_unit", True, "hidden_act", "silu"),
     ParamsDType(),
