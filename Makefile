@@ -11,7 +11,7 @@ $(VPY):
 	$(PY) -m venv $(VENV)
 
 # torch first, pinned: the CPU wheel on this machine; anything newer pulls a multi-GB CUDA build.
-$(STAMP): $(VPY) pyproject.toml setup.py
+$(STAMP): $(VPY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q -e '.[test]'

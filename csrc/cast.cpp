@@ -1,0 +1,184 @@
+#include "cast.h"
+
+#include <cstring>
+#include <stdexcept>
+
+#include "parallel.h"
+
+namespace hfnemo {
+
+namespace {
+
+using u16 = std::uint16_t;
+using u32 = std::uint32_t;
+
+// All-ones when c, else zero: keeps the selects below branch-free so the loops vectorize.
+inline u32 mask(bool c) { return 0u - static_cast<u32>(c); }
+inline u32 select(bool c, u32 x, u32 y) { return (x & mask(c)) | (y & ~mask(c)); }
+
+inline u32 bits_of(float f) {
+    u32 u;
+    std::memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+inline float float_of(u32 u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+// float32 -> bfloat16 for a non-NaN input: round the 16 dropped bits to nearest even (a carry
+// into the exponent is the right result, up to +-inf).
+inline u32 k_f32_to_bf16_rne(u32 x) { return (x + 0x7fffu + ((x >> 16) & 1u)) >> 16; }
+
+// float32 -> bfloat16, torch's vectorized rule for NaN: 0xFFFF.
+inline u32 k_f32_to_bf16(u32 x) {
+    const u32 a = x & 0x7fffffffu;
+    const u32 r = k_f32_to_bf16_rne(x);
+    return a > 0x7f800000u ? 0xffffu : r;
+}
+
+// ---- float16: integer bit arithmetic, plus exact float operations for the subnormals ----
+
+// float32 -> float16 as the x86 F16C instruction (vcvtps2ph, round to nearest even): NaN keeps
+// its sign and top 9 payload bits with the quiet bit set; |x| >= 65520 gives inf. A subnormal result
+// (2^-25 < |x| < 2^-14) is RNE(|x| * 2^24) computed with exact float operations only: the
+// product by 2^24 is exact, truncation to integer (cvtt) and back is exact and ignores the
+// rounding mode, the remainder t - trunc(t) is exact (Sterbenz), and no value is denormal.
+inline u32 k_f32_to_f16(u32 x) {
+    const u32 sign = (x >> 16) & 0x8000u;
+    const u32 a = x & 0x7fffffffu;
+    const u32 nb = a - 0x38000000u;
+    const u32 normal = (nb + 0xfffu + ((nb >> 13) & 1u)) >> 13;
+    // |x| clamped to [2^-25, 2^-14] (other lanes are selected away): no overflow, no denormal.
+    const u32 ac = select(a < 0x33000000u, 0x33000000u, select(a < 0x38800000u, a, 0x38800000u));
+    const float t = float_of(ac) * 16777216.0f;
+    const std::int32_t q0 = static_cast<std::int32_t>(t);                               // truncation
+    const float rem = t - static_cast<float>(q0);
+    const u32 q = static_cast<u32>(q0);
+    const u32 sub = q + (mask(rem > 0.5f) & 1u) + (mask(rem == 0.5f) & q & 1u);
+    u32 r = sub & mask(a > 0x33000000u);
+    r = select(a >= 0x38800000u, normal, r);
+    r = select(a >= 0x477ff000u, 0x7c00u, r);
+    r = select(a > 0x7f800000u, 0x7e00u | ((a >> 13) & 0x3ffu), r);
+    return sign | r;
+}
+
+// float16 -> float32, exact, branch-free; NaN quiet bit set, payload kept (as vcvtph2ps). A
+// subnormal (m * 2^-24, m = 1..1023) is normalized by converting the integer m to float32 (an
+// exact conversion: no rounding, no denormal in or out, so no rounding mode or FTZ/DAZ effect)
+// and subtracting 24 from its exponent.
+inline u32 k_f16_to_f32(u32 h) {
+    const u32 a = h & 0x7fffu;
+    const u32 sub = bits_of(static_cast<float>(static_cast<std::int32_t>(a))) - (24u << 23);
+    u32 r = select(a >= 0x400u, (a << 13) + 0x38000000u, sub & mask(a != 0u));
+    r = select(a >= 0x7c00u, (a << 13) | 0x7f800000u | (0x400000u & mask(a > 0x7c00u)), r);
+    return ((h & 0x8000u) << 16) | r;
+}
+
+inline u32 k_f16_to_bf16(u32 h) {
+    return select((h & 0x7fffu) > 0x7c00u, 0x7fc0u, k_f32_to_bf16_rne(k_f16_to_f32(h)));
+}
+
+// ---- loops over [b, e) ----
+//
+// Each loop is compiled for the baseline ISA and, on x86-64 Linux with GCC/Clang, cloned for
+// x86-64-v3 (AVX2) and x86-64-v4 (AVX-512) with the clone picked at load time (ifunc): no
+// -march flag, the same .so runs everywhere. The element code is identical in every clone.
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(HFNEMO_NO_CLONES)
+#define HFNEMO_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define HFNEMO_CLONES
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define HFNEMO_INLINE inline __attribute__((always_inline))
+#else
+#define HFNEMO_INLINE inline
+#endif
+
+// dst[i] = conv(src[i]): a plain loop the compiler vectorizes.
+template <class S, class D, class Conv>
+HFNEMO_INLINE void plain_loop(const void* src_v, void* dst_v, std::size_t b, std::size_t e, Conv conv) {
+    const S* __restrict src = static_cast<const S*>(src_v);
+    D* __restrict dst = static_cast<D*>(dst_v);
+    for (std::size_t i = b; i < e; ++i) dst[i] = static_cast<D>(conv(src[i]));
+}
+
+#define HFNEMO_PLAIN(NAME, S, D, EXPR)                                                          \
+    HFNEMO_CLONES void NAME(const void* s, void* d, std::size_t b, std::size_t e) {             \
+        plain_loop<S, D>(s, d, b, e, [](S v) { return EXPR; });                                 \
+    }
+
+HFNEMO_PLAIN(loop_f32_bf16, u32, u16, k_f32_to_bf16(v))
+HFNEMO_PLAIN(loop_f32_f16, u32, u16, k_f32_to_f16(v))
+HFNEMO_PLAIN(loop_f32_f64, float, double, static_cast<double>(v))
+HFNEMO_PLAIN(loop_bf16_f32, u16, u32, static_cast<u32>(v) << 16)
+HFNEMO_PLAIN(loop_bf16_f16, u16, u16, k_f32_to_f16(static_cast<u32>(v) << 16))
+HFNEMO_PLAIN(loop_bf16_f64, u16, double, static_cast<double>(float_of(static_cast<u32>(v) << 16)))
+HFNEMO_PLAIN(loop_f16_f32, u16, u32, k_f16_to_f32(v))
+HFNEMO_PLAIN(loop_f16_bf16, u16, u16, k_f16_to_bf16(v))
+HFNEMO_PLAIN(loop_f16_f64, u16, double, static_cast<double>(float_of(k_f16_to_f32(v))))
+HFNEMO_PLAIN(loop_f64_f32, double, float, static_cast<float>(v))
+HFNEMO_PLAIN(loop_f64_f16, double, u16, k_f32_to_f16(bits_of(static_cast<float>(v))))
+HFNEMO_PLAIN(loop_f64_bf16, double, u16, k_f32_to_bf16(bits_of(static_cast<float>(v))))
+
+#undef HFNEMO_PLAIN
+
+using LoopFn = void (*)(const void*, void*, std::size_t, std::size_t);
+
+LoopFn loop_for(DType s, DType d) {
+    static const LoopFn table[4][4] = {
+        // dst:   F64            F32            F16            BF16          (src row)
+        {nullptr, loop_f64_f32, loop_f64_f16, loop_f64_bf16},      // F64
+        {loop_f32_f64, nullptr, loop_f32_f16, loop_f32_bf16},      // F32
+        {loop_f16_f64, loop_f16_f32, nullptr, loop_f16_bf16},      // F16
+        {loop_bf16_f64, loop_bf16_f32, loop_bf16_f16, nullptr},    // BF16
+    };
+    return table[static_cast<int>(s)][static_cast<int>(d)];
+}
+
+}  // namespace
+
+DType parse_dtype(const std::string& name) {
+    if (name == "float64" || name == "f64" || name == "double") return DType::F64;
+    if (name == "float32" || name == "f32" || name == "float") return DType::F32;
+    if (name == "float16" || name == "f16" || name == "half") return DType::F16;
+    if (name == "bfloat16" || name == "bf16") return DType::BF16;
+    throw std::invalid_argument("unsupported dtype '" + name + "' (float64, float32, float16, bfloat16)");
+}
+
+std::size_t dtype_size(DType t) {
+    switch (t) {
+        case DType::F64: return 8;
+        case DType::F32: return 4;
+        case DType::F16:
+        case DType::BF16: return 2;
+    }
+    throw std::invalid_argument("bad dtype");
+}
+
+void cast(void* dst, DType dst_t, const void* src, DType src_t, std::size_t n) {
+    if (n == 0) return;
+    const std::size_t ss = dtype_size(src_t), ds = dtype_size(dst_t);
+    if (dst_t == src_t) {
+        if (dst == src) return;
+        char* d = static_cast<char*>(dst);
+        const char* s = static_cast<const char*>(src);
+        parallel_for(n * ss, 2.0, 64, [=](std::size_t b, std::size_t e) { std::memcpy(d + b, s + b, e - b); });
+        return;
+    }
+    const LoopFn fn = loop_for(src_t, dst_t);
+    // Ranges start on multiples of 64 elements: whole cache lines on both sides when aligned.
+    parallel_for(n, static_cast<double>(ss + ds), 64,
+                 [=](std::size_t b, std::size_t e) { fn(src, dst, b, e); });
+}
+
+std::uint16_t f32_to_bf16(std::uint32_t x) { return static_cast<std::uint16_t>(k_f32_to_bf16(x)); }
+std::uint16_t f32_to_f16(std::uint32_t x) { return static_cast<std::uint16_t>(k_f32_to_f16(x)); }
+std::uint32_t f16_to_f32(std::uint16_t h) { return k_f16_to_f32(h); }
+std::uint16_t f16_to_bf16(std::uint16_t h) { return static_cast<std::uint16_t>(k_f16_to_bf16(h)); }
+
+}  // namespace hfnemo
