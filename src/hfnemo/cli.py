@@ -75,6 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory whose disk is checked (default: beside the source)")
     p.add_argument("--tensors", action="store_true", help="list every output tensor (default with --json)")
     _common(p)
+    p = sub.add_parser("bench", help="time a conversion of SRC on its own disk against a plain copy of the same "
+                                     "bytes; peak memory against the budget")
+    p.add_argument("src")
+    p.add_argument("--to", choices=["nemo", "hf"])
+    p.add_argument("--out", help="where the output would go: runs use a scratch directory beside it, on the same "
+                                 "filesystem (default: beside the source)")
+    p.add_argument("--max-memory", default="2GiB", help="budget passed to the conversion (default 2GiB)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="output dtype")
+    p.add_argument("--tp", type=int, default=1, help="NeMo output: tensor-parallel size")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each measurement (best and median reported)")
+    p.add_argument("--png", metavar="FILE", help="plot bytes/s and memory over time (needs hfnemo[plot])")
+    p.add_argument("--json", action="store_true", help="JSON lines on stdout (copy floor, conversion)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory and its outputs")
+    p.add_argument("-v", "--verbose", action="store_true")
     p = sub.add_parser("reshard", help="change the TP/PP/EP layout (and format) of a NeMo 2 / NeMo 1 / "
                                        "Megatron-LM checkpoint, without going through HF")
     p.add_argument("src")
@@ -225,6 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_convert(args, args.src, args.dst, "reshard")
         if args.cmd == "plan":
             return _plan(args)
+        if args.cmd == "bench":
+            from hfnemo.bench import run as bench
+
+            return bench(args)
         if args.cmd == "latest":
             from hfnemo.api import find_latest
 
