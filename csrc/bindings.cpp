@@ -9,6 +9,7 @@
 #include "cast.h"
 #include "gather.h"
 #include "parallel.h"
+#include "pread.h"
 
 namespace py = pybind11;
 
@@ -66,4 +67,13 @@ PYBIND11_MODULE(_C, m) {
     m.def(
         "f16_to_f32", [](std::uint16_t h) { return hfnemo::f16_to_f32(h); }, arg("bits"));
     m.def("build_info", []() { return std::string(HFNEMO_BUILD_FLAGS); }, "Compiler flags of this build.");
+    m.def(
+        "pread_cols",
+        [](int fd, std::uintptr_t dst, std::size_t rows, std::uint64_t offset, std::size_t src_row_bytes,
+           std::size_t col_offset, std::size_t col_bytes) {
+            return hfnemo::pread_cols(fd, ptr(dst), rows, offset, src_row_bytes, col_offset, col_bytes);
+        },
+        arg("fd"), arg("dst"), arg("rows"), arg("offset"), arg("src_row_bytes"), arg("col_offset"),
+        arg("col_bytes"), Release(),
+        "Read a column window of rows rows from fd into dst, one pread per row; 0, errno, or -1 at EOF.");
 }

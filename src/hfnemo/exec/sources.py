@@ -1,6 +1,7 @@
 """Logical source tensors and the row reads behind them (pread into caller buffers)."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -12,6 +13,11 @@ from hfnemo.io.fileio import FileCache, pread_into
 from hfnemo.io.safetensors import StTensor
 from hfnemo.plan.plan import SourceTensor
 from hfnemo.dtypes import BY_NAME
+
+try:  # the native core reads column windows in place; without it the executor stages and cuts
+    from hfnemo import _C
+except ImportError:  # pragma: no cover - exercised when the extension is not built
+    _C = None
 
 # Megatron global keys with stacked leading axes (spec §3.2, §3.5) -> logical per-layer names.
 _STACKED = (
@@ -79,6 +85,22 @@ class RowReader:
 
     def close(self) -> None:
         self.files.close()
+
+    def read_cols(self, src: SourceTensor, r0: int, r1: int, col: int, cols: int, dest: torch.Tensor) -> bool:
+        """Columns [col, col+cols) of rows [r0, r1) straight into ``dest`` (uint8), one pread per
+        row, when the native core is built and the rows lie contiguously in one file (safetensors).
+        False when not possible: the caller then reads whole rows and cuts."""
+        if src.location[0] != "safetensors" or len(src.shape) != 2 or _C is None:
+            return False
+        _, path, offset = src.location
+        itemsize = BY_NAME[src.dtype].itemsize
+        row_bytes, width = src.shape[1] * itemsize, cols * itemsize
+        rc = _C.pread_cols(self.files.fd(path), dest.data_ptr(), r1 - r0, int(offset) + r0 * row_bytes, row_bytes,
+                           col * itemsize, width)
+        if rc:
+            raise CorruptCheckpoint(f"reading rows {r0}..{r1} failed ({'end of file' if rc < 0 else os.strerror(rc)})",
+                                    file=path, tensor=src.name, fix="the file is truncated or unreadable: re-copy it")
+        return True
 
     def read_rows(self, src: SourceTensor, r0: int, r1: int, dest: memoryview) -> None:
         kind = src.location[0]
