@@ -4,7 +4,14 @@ plan -> GPU pipeline (``hfnemo.exec.gpu.iter_tensors_to_device``) against that H
 
 Not a test. One JSON object per line on stdout (progress on stderr):
 
-    PYTHONPATH=src python benchmarks/bench_gpu.py [--cache DIR] [--repeat N] [--skip-pipeline]
+    PYTHONPATH=src python benchmarks/bench_gpu.py [--cache DIR] [--repeat N] [--skip-pipeline] [--skip-diag]
+        [--skip-convert] [--deadline-s S]
+
+Kernels: each Triton case is swept over launch shapes (``sweep``, ``best_cfg``) and timed with the
+backend defaults (``triton_default_*``); gathers report host (piece table) and kernel time apart.
+Pipeline diagnosis (``diag_*``): preads into pinned memory alone, H2D alone, both overlapped, and
+mmap windows registered with cudaHostRegister (needs cupy). ``convert_device``: hfnemo.convert with
+--device cpu vs cuda on the 70B-shaped checkpoint.
 
 Bandwidth counts bytes read + bytes written for D2D copy and every kernel (so a kernel as fast as
 copy_ has ratio 1.0); H2D and the pipeline count bytes moved once (host -> device).
@@ -96,14 +103,54 @@ def kernels(repeat: int) -> None:
                   lambda b: b.slice_cols(dst, big, rows, 16384, 8192, 8192)))
     cases.append(("slice_cols_512B_rows_quarter", 2 * (GiB // 4),
                   lambda b: b.slice_cols(dst, big, GiB // 512, 512, 256, 128)))
+    import hfnemo.kernels.triton_backend as tb
+    default = dict(tb.CONFIG)
+    tuned = dict(tb.CAST_TUNED)  # the per-pair table is the "default"; the sweep runs without it
+    cast_cfgs = [dict(cast_block=bl, cast_warps=w) for bl, w in
+                 ((4096, 8), (8192, 8), (8192, 4), (2048, 4), (4096, 4), (2048, 8))]
+    copy_cfgs = [dict(tile_bytes=t, copy_warps=w) for t, w in ((8192, 8), (16384, 8), (8192, 4), (4096, 4))]
     for name, rw, fn in cases:
         row = {"bench": name, "bytes_rw": rw}
         for bname, b in backends.items():
-            ms = best_ms(lambda: fn(b), repeat)
+            if bname == "triton":
+                cfgs = cast_cfgs if name.startswith("cast") else copy_cfgs
+                sweep = []
+                tb.CAST_TUNED.clear()
+                for cfg in cfgs:
+                    tb.CONFIG.update(default)
+                    tb.CONFIG.update(cfg)
+                    ms = best_ms(lambda: fn(b), repeat)
+                    sweep.append((ms, cfg))
+                tb.CONFIG.update(default)
+                tb.CAST_TUNED.update(tuned)
+                ms_def = best_ms(lambda: fn(b), repeat)
+                row["triton_default_cfg_ms"] = round(ms_def, 3)
+                row["triton_default_ratio_d2d"] = round(rw / ms_def / 1e6 / d2d, 3)
+                row["sweep"] = [{**c, "ms": round(m, 3), "ratio_d2d": round(rw / m / 1e6 / d2d, 3)} for m, c in sweep]
+                ms, cfg = min(sweep, key=lambda x: x[0])
+                row["best_cfg"] = cfg
+            else:
+                ms = best_ms(lambda: fn(b), repeat)
             gbps = rw / ms / 1e6
             row[f"{bname}_ms"] = round(ms, 3)
             row[f"{bname}_GBps"] = round(gbps, 1)
             row[f"{bname}_ratio_d2d"] = round(gbps / d2d, 3)
+        if name.startswith("gather"):  # host side (piece table) and the kernel alone
+            tb_b = backends["triton"]
+            pcs = {"gather_qkv_16MiB_pieces": pieces, "gather_64KiB_pieces": small,
+                   "gather_64KiB_unaligned": odd}[name]
+            gd = gdst if name.startswith("gather_qkv") else dst
+            host = []
+            for _ in range(repeat):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                prep = tb_b.gather_prepare(gd, pcs)
+                torch.cuda.synchronize()
+                host.append(time.perf_counter() - t)
+            kms = best_ms(lambda: tb_b.gather_launch(prep), repeat)
+            row.update(pieces=len(pcs), host_prepare_ms=round(min(host) * 1e3, 3),
+                       host_us_per_piece=round(min(host) * 1e6 / len(pcs), 3), kernel_ms=round(kms, 3),
+                       kernel_GBps=round(rw / kms / 1e6, 1), kernel_ratio_d2d=round(rw / kms / 1e6 / d2d, 3))
         emit(row)
     del src, dst, f32, bf16, f16, q, k, v, gdst, big
     torch.cuda.empty_cache()
@@ -186,6 +233,174 @@ def pipeline(cache: Path, h2d_gbps: float, repeat: int, max_memory: str) -> None
               "best_s": round(best, 3), "GBps_read": round(gbps, 2), "ratio_h2d_pinned": round(gbps / h2d_gbps, 3)})
 
 
+def _plan_reads(plan, piece: int):
+    """Every (source, r0, r1, nbytes) read of the plan, cut into about ``piece`` bytes."""
+    from hfnemo.dtypes import BY_NAME
+    from hfnemo.plan.planner import source_row_bytes
+
+    sources = {x.name: x for x in plan.sources}
+    out = []
+    for it in plan.items:
+        for seg in it.segments:
+            if seg.source is None:
+                continue
+            src = sources[seg.source]
+            rb = source_row_bytes(it, seg, sources)
+            step = max(1, piece // max(rb, 1))
+            for k in range(0, seg.rows, step):
+                m = min(step, seg.rows - k)
+                out.append((src, seg.src_row + k, seg.src_row + k + m, m * rb))
+    return out
+
+
+def pipeline_diag(src_dir: Path, h2d_gbps: float) -> None:
+    """What limits iter_tensors_to_device: preads into pinned slots alone (no GPU), H2D of the
+    same bytes alone, and mmap windows registered with cudaHostRegister then copied (no pread)."""
+    import hfnemo
+    from concurrent.futures import ThreadPoolExecutor
+    from hfnemo.exec.sources import RowReader
+
+    plan = hfnemo.api.plan(src_dir, to="nemo", dtype="auto", max_memory="64GiB")
+    total = plan.read_bytes
+    slots = [torch.empty(64 << 20, dtype=torch.uint8, pin_memory=True) for _ in range(16)]
+    for threads, piece in ((4, 8 << 20), (8, 8 << 20), (16, 8 << 20), (16, 2 << 20), (16, 32 << 20), (32, 8 << 20)):
+        reads = _plan_reads(plan, piece)
+        reader = RowReader()
+        views = [memoryview(x.numpy()) for x in slots]
+
+        def job(i, r):
+            src, r0, r1, n = r
+            v = views[i % len(views)]
+            off = (i * piece) % ((64 << 20) - n + 1) if n < (64 << 20) else 0
+            reader.read_rows(src, r0, r1, v[off:off + n]) if n <= (64 << 20) else None
+            return n
+        best = float("inf")
+        for _ in range(2):
+            t = time.perf_counter()
+            with ThreadPoolExecutor(threads) as pool:
+                moved = sum(pool.map(job, range(len(reads)), reads))
+            best = min(best, time.perf_counter() - t)
+        reader.close()
+        emit({"bench": "diag_pread_to_pinned", "threads": threads, "piece": piece, "bytes": moved,
+              "best_s": round(best, 3), "GBps": round(moved / best / 1e9, 2),
+              "ratio_h2d_pinned": round(moved / best / 1e9 / h2d_gbps, 3)})
+    # H2D alone: the same byte count from 16 pinned 64 MiB slots, back to back on one stream
+    dev = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    nblk = -(-total // (64 << 20))
+
+    def h2d_all():
+        for i in range(nblk):
+            dev.copy_(slots[i % 16], non_blocking=True)
+    ms = best_ms(h2d_all, 3, warmup=1)
+    emit({"bench": "diag_h2d_64MiB_slots", "bytes": nblk << 26, "best_ms": round(ms, 3),
+          "GBps": round((nblk << 26) / ms / 1e6, 2)})
+    # read + H2D overlapped without the pipeline's bookkeeping: each thread preads a 64 MiB slot
+    # and queues its copy on its own stream
+    reads = _plan_reads(plan, 64 << 20)
+    big = [r for r in reads if r[3] <= (64 << 20)]
+    reader = RowReader()
+    streams = [torch.cuda.Stream() for _ in range(16)]
+    devs = [torch.empty(64 << 20, dtype=torch.uint8, device="cuda") for _ in range(16)]
+
+    def rw(i, r):
+        src, r0, r1, n = r
+        k = i % 16
+        streams[k].synchronize()
+        reader.read_rows(src, r0, r1, memoryview(slots[k].numpy())[:n])
+        with torch.cuda.stream(streams[k]):
+            devs[k][:n].copy_(slots[k][:n], non_blocking=True)
+        return n
+    for threads in (8, 16):
+        best = float("inf")
+        for _ in range(2):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            with ThreadPoolExecutor(threads) as pool:
+                # thread i owns slots i, i+threads, ...: no two threads share a slot
+                moved = 0
+                futs = []
+                for j in range(threads):
+                    futs.append(pool.submit(lambda j=j: sum(rw(i, big[i]) for i in range(j, len(big), threads)
+                                                            if i % 16 % threads == j % threads or threads == 16)))
+                moved = sum(f.result() for f in futs)
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        emit({"bench": "diag_pread_plus_h2d", "threads": threads, "bytes": moved, "best_s": round(best, 3),
+              "GBps": round(moved / best / 1e9, 2), "ratio_h2d_pinned": round(moved / best / 1e9 / h2d_gbps, 3)})
+    reader.close()
+    # mmap + cudaHostRegister (read-only) windows of the page-cached files, then H2D from them
+    try:
+        import ctypes
+        import mmap as _mmap
+        import cupy
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        rt = cupy.cuda.runtime
+        for window in (64 << 20, 256 << 20):
+            reg_s = copy_s = 0.0
+            moved = 0
+            t_all = time.perf_counter()
+            dbuf = torch.empty(window, dtype=torch.uint8, device="cuda")
+            stream = torch.cuda.current_stream().cuda_stream
+            for f in sorted(src_dir.glob("*.safetensors")):
+                size = f.stat().st_size
+                fd = os.open(f, os.O_RDONLY)
+                for off in range(0, size - window + 1, window):
+                    addr = libc.mmap(None, window, _mmap.PROT_READ, _mmap.MAP_SHARED, fd, off)
+                    t = time.perf_counter()
+                    rt.hostRegister(addr, window, 8 | 2)  # ReadOnly | Mapped
+                    reg_s += time.perf_counter() - t
+                    t = time.perf_counter()
+                    rt.memcpyAsync(dbuf.data_ptr(), addr, window, 1, stream)
+                    torch.cuda.synchronize()
+                    copy_s += time.perf_counter() - t
+                    t = time.perf_counter()
+                    rt.hostUnregister(addr)
+                    reg_s += time.perf_counter() - t
+                    libc.munmap(addr, window)
+                    moved += window
+                os.close(fd)
+            wall = time.perf_counter() - t_all
+            emit({"bench": "diag_mmap_hostregister", "window": window, "bytes": moved,
+                  "register_unregister_s": round(reg_s, 3), "copy_s": round(copy_s, 3), "wall_s": round(wall, 3),
+                  "GBps_wall": round(moved / wall / 1e9, 2), "GBps_copy_only": round(moved / copy_s / 1e9, 2),
+                  "GBps_register_only": round(moved / reg_s / 1e9, 2)})
+    except Exception as e:  # noqa: BLE001
+        emit({"bench": "diag_mmap_hostregister", "error": f"{type(e).__name__}: {e}"[:300]})
+    del slots, dev, devs
+    torch.cuda.empty_cache()
+
+
+def convert_device(src_dir: Path, out_root: Path, deadline: float) -> None:
+    """File conversion with the kernels on the CPU vs on the GPU (--device cpu/cuda), same plan."""
+    import shutil
+    import hfnemo
+    from hfnemo.kernels import get_backend
+
+    cpu_backend = get_backend("auto").name
+    for dtype, tp in (("fp16", 1), ("auto", 2), ("fp16", 2)):
+        row = {"bench": "convert_device", "dtype": dtype, "tp": tp, "cpu_backend": cpu_backend}
+        for device in ("cpu", "cuda"):
+            if time.perf_counter() > deadline:
+                row[f"{device}_s"] = "skipped (time)"
+                continue
+            out = out_root / f"conv_{device}"
+            shutil.rmtree(out, ignore_errors=True)
+            t = time.perf_counter()
+            r = hfnemo.convert(src_dir, out, to="nemo", dtype=dtype, tp=tp, device=device, max_memory="8GiB",
+                               overwrite=True)
+            secs = time.perf_counter() - t
+            row[f"{device}_s"] = round(secs, 3)
+            row[f"{device}_GBps_written"] = round(r.bytes_written / secs / 1e9, 2)
+            row["bytes_written"] = r.bytes_written
+            shutil.rmtree(out, ignore_errors=True)
+        emit(row)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
@@ -194,6 +409,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-memory", default="2GiB", help="pipeline budget: pinned + device staging")
     ap.add_argument("--skip-pipeline", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--skip-diag", action="store_true")
+    ap.add_argument("--skip-convert", action="store_true")
+    ap.add_argument("--deadline-s", type=float, default=1e9, help="skip later convert runs past this many s")
     args = ap.parse_args(argv)
     import triton
 
@@ -204,9 +422,17 @@ def main(argv=None) -> int:
     if not args.skip_kernels:
         kernels(args.repeat)
     gbps = h2d(args.repeat)
+    t_start = time.perf_counter()
     if not args.skip_pipeline:
         args.cache.mkdir(parents=True, exist_ok=True)
         pipeline(args.cache, gbps, args.pipeline_repeat, args.max_memory)
+    if not (args.skip_diag and args.skip_convert):
+        import bench_convert
+        src = bench_convert.ensure_checkpoint(args.cache, bench_convert.SHAPES["full"], 2)
+        if not args.skip_diag:
+            pipeline_diag(src, gbps)
+        if not args.skip_convert:
+            convert_device(src, args.cache, t_start + args.deadline_s)
     return 0
 
 

@@ -368,16 +368,33 @@ def _write_export_extras(job: _Job, staging: Path) -> None:
         hfio.copy_tokenizer(ctx.tokenizer_dir, staging)
 
 
-def _kernels(device: str, threads: int | None):
+# --device auto sends a plan's kernels to the GPU only when AUTO_GPU is set, CUDA is visible and the
+# plan casts (AUTO_GPU_CUTS: or only cuts columns). From benchmarks/bench_gpu.py's convert_device rows
+# (RESULTS.md, GPU; 70B-shaped 7.6 GB import on the H200 machine): casts ran 8-11 % faster with the
+# GPU (fp16: 7.22 s vs 8.11 s), a cut-only plan 3 % slower (7.36 s vs 7.16 s); the disk sets the rate.
+AUTO_GPU = True
+AUTO_GPU_CUTS = False
+
+
+def _kernels(device: str, threads: int | None, plan: Any = None):
+    """The executor's kernels: the CPU backend, or (``cuda``, or ``auto`` when it pays) a
+    hfnemo.exec.gpu.DeviceKernels that moves casts and column cuts onto the GPU."""
     from hfnemo.kernels import get_backend
 
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device {device!r}", fix="use auto, cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is visible", fix="use --device cpu (or auto)")
-    # The streaming executor stages through host memory; its kernels are the CPU ones. The CUDA
-    # path (hfnemo.exec.gpu) serves in-memory conversion onto the GPU.
-    return get_backend("auto", device="cpu", threads=threads)
+    cpu = get_backend("auto", device="cpu", threads=threads)
+    if device == "cpu":
+        return cpu
+    from hfnemo.exec.gpu import DeviceKernels, plan_has_kernel_work
+
+    work = plan is None or plan_has_kernel_work(plan)
+    auto = AUTO_GPU and plan is not None and plan_has_kernel_work(plan, casts_only=not AUTO_GPU_CUTS)
+    if device == "cuda" and work or (device == "auto" and auto and torch.cuda.is_available()):
+        return DeviceKernels(get_backend("auto", device="cuda"), "cuda", cpu=cpu)
+    return cpu
 
 
 def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: str | None = "auto",
@@ -397,7 +414,9 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
         progress: called with (bytes_done, bytes_total) after each block.
         tp, pp, ep: NeMo output cut into the chunks Megatron reads at this tensor/pipeline/expert
             parallelism (checked against heads, layers and experts before anything is written).
-        device: "auto", "cpu" or "cuda": where kernels (casts, column cuts) run.
+        device: "auto", "cpu" or "cuda": where kernels (casts, column cuts) run. "cuda" runs them
+            on the GPU (read -> pinned -> H2D -> kernel -> D2H -> write, overlapped; same bytes);
+            "auto" does so only when the plan casts or cuts, a GPU is visible and ``AUTO_GPU``.
         threads: CPU kernel threads.
         format: import target: "nemo2" (DCP, default), "nemo1" (.nemo directory with per-rank
             model_weights.ckpt) or "megatron" (Megatron-LM ckpt_format=torch); see hfnemo.io.legacy.
@@ -415,7 +434,7 @@ def _run(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn | Non
     t0 = time.perf_counter()
     dst = Path(dst).expanduser()
     plan = job.plan
-    kernels = _kernels(device, threads)
+    kernels = _kernels(device, threads, plan)
     try:
         _check_output(job.src, dst, overwrite)
         dst.parent.mkdir(parents=True, exist_ok=True)

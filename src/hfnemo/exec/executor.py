@@ -81,6 +81,15 @@ def _fill(block: _Block, slot: _Slot, reader: RowReader, sources: dict[str, Sour
         if src.dtype == it.dtype and not seg.cols:
             reader.read_rows(src, s0, s0 + n_rows, memoryview(out)[lo:hi])
             continue
+        if seg.cols:
+            # A column window read in place (one pread per row) costs the window's bytes only;
+            # cutting it from whole staged rows costs TP times the tensor.
+            target = slot.out[lo:hi] if src.dtype == it.dtype else slot.stage
+            if reader.read_cols(src, s0, s0 + n_rows, seg.col, seg.cols, target):
+                if src.dtype != it.dtype:
+                    n = n_rows * it.row_elems * src_dt.itemsize
+                    kernels.cast(slot.out[lo:hi].view(out_dt.torch), slot.stage[:n].view(src_dt.torch))
+                continue
         full = n_rows * source_row_bytes(it, seg, sources)
         reader.read_rows(src, s0, s0 + n_rows, memoryview(slot.stage.numpy())[:full])
         staged = slot.stage
@@ -103,7 +112,14 @@ def execute(plan: Plan, reader: RowReader, sink: Sink, *, progress: Progress | N
     sources = {s.name: s for s in plan.sources}
     block_bytes = int(plan.budget["block_bytes"])
     depth = int(plan.budget["depth"])
-    slots = [_Slot(block_bytes, int(plan.budget["buffers_per_slot"])) for _ in range(depth)]
+    fill = _fill
+    if getattr(kernels, "device", None) is not None:  # hfnemo.exec.gpu.DeviceKernels: kernels on a GPU
+        from hfnemo.exec.gpu import DeviceSlot, device_fill
+
+        fill = device_fill
+        slots = [DeviceSlot(block_bytes, int(plan.budget["buffers_per_slot"]), kernels) for _ in range(depth)]
+    else:
+        slots = [_Slot(block_bytes, int(plan.budget["buffers_per_slot"])) for _ in range(depth)]
     free = deque(range(depth))
     total = plan.write_bytes
     done = 0
@@ -134,7 +150,7 @@ def execute(plan: Plan, reader: RowReader, sink: Sink, *, progress: Progress | N
                 if not free:
                     drain_one()
                 slot_id = free.popleft()
-                inflight.append((block, slot_id, pool.submit(_fill, block, slots[slot_id], reader, sources, kernels)))
+                inflight.append((block, slot_id, pool.submit(fill, block, slots[slot_id], reader, sources, kernels)))
             while inflight:
                 drain_one()
         finally:

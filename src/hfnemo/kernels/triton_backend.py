@@ -29,6 +29,7 @@ import math
 import os
 from typing import Sequence
 
+import numpy as np
 import torch
 
 import triton  # noqa: F401  (ImportError here -> get_backend falls back to torch)
@@ -45,8 +46,15 @@ _WORD = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
 # NaN rules (cast kernel NAN_MODE)
 NAN_KEEP_QUIET, NAN_KEEP_RAW, NAN_CONST, NAN_CONST_SIGN = 0, 1, 2, 3
 
-CAST_BLOCK = 4096  # elements per program
-COPY_CHUNK = 8192  # bytes per program iteration in gather / slice_cols
+# Launch shapes (tuned on an H100 with benchmarks/bench_gpu.py, which sweeps them through ``CONFIG``):
+#   cast_block: elements per program; cast_warps;
+#   tile_bytes / copy_warps: bytes per program (one loop step) in gather and slice_cols.
+CONFIG = {"cast_block": 4096, "cast_warps": 8, "tile_bytes": 8192, "copy_warps": 8}
+# per (source, destination) dtype code: (elements per program, warps), best of the H100 sweep
+# (benchmarks/RESULTS.md, GPU); pairs not listed use CONFIG. bench_gpu.py clears it to sweep CONFIG.
+CAST_TUNED = {(F32, BF16): (4096, 8), (F16, BF16): (4096, 8), (BF16, F32): (2048, 4), (BF16, F16): (2048, 4),
+              (F32, F16): (2048, 4)}
+COPY_CHUNK = 8192  # (kept for callers of earlier versions) bytes per program iteration
 GATHER_SPLIT = 1 << 20  # pieces are cut into runs of at most this many bytes (one program row each)
 
 
@@ -55,59 +63,47 @@ GATHER_SPLIT = 1 << 20  # pieces are cut into runs of at most this many bytes (o
 @triton.jit
 def _cast_kernel(src_ptr, dst_ptr, n, SRC: tl.constexpr, DST: tl.constexpr, NAN_MODE: tl.constexpr,
                  NAN_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """dst[i] = cast(src[i]); src/dst are int32/int16 views of the float buffers."""
+    """dst[i] = cast(src[i]); src/dst are int32/int16 views of the float buffers. One block a
+    program (a persistent grid looping over blocks measured 2-15 % slower on the H100)."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     raw = tl.load(src_ptr + offs, mask=mask, other=0)
-    # ---- widen the source to float32 bits (exact), remembering NaN and its payload
+    # ---- widen the source to float32 bits (exact); NaNs are rebuilt below from the raw bits
     if SRC == 0:
         x = raw.to(tl.uint32, bitcast=True)
+        xn = x
     elif SRC == 2:
         x = raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        xn = x
     else:
+        # f16 -> f32 is exact (subnormals included): the hardware conversion; the NaN payload
+        # is taken from the raw bits, since the hardware may set the quiet bit
         h = raw.to(tl.uint16, bitcast=True).to(tl.uint32)
-        hs = (h & 0x8000) << 16
-        he = (h >> 10) & 0x1F
-        hm = h & 0x3FF
-        normal = (((h & 0x7FFF) << 13) + 0x38000000) | hs
-        # a subnormal half is hm * 2**-24: exact in float32 arithmetic
-        sub = (hm.to(tl.float32) * 5.9604644775390625e-08).to(tl.uint32, bitcast=True) | hs
-        special = hs | 0x7F800000 | (hm << 13)
-        x = tl.where(he == 0x1F, special, tl.where(he == 0, sub, normal))
-    sign = x & 0x80000000
+        x = raw.to(tl.float16, bitcast=True).to(tl.float32).to(tl.uint32, bitcast=True)
+        xn = ((h & 0x8000) << 16) | 0x7F800000 | ((h & 0x3FF) << 13)
+    sign = xn & 0x80000000
     ax = x & 0x7FFFFFFF
     is_nan = ax > 0x7F800000
     # ---- narrow float32 bits to the destination, round to nearest even
     if DST == 0:
         out = x
-        payload = x & 0x007FFFFF
+        payload = xn & 0x007FFFFF
         exp_bits = 0x7F800000
         quiet = 0x00400000
         sign_out = sign
     elif DST == 2:
         out = (x + 0x7FFF + ((x >> 16) & 1)) >> 16
-        payload = (x >> 16) & 0x7F
+        payload = (xn >> 16) & 0x7F
         exp_bits = 0x7F80
         quiet = 0x0040
         sign_out = sign >> 16
     else:
+        # f32 -> f16 round-to-nearest-even (subnormals, overflow to inf): the hardware cvt.rn
+        # compiled, numpy's astype under the interpreter; both are IEEE RNE. NaN fixed below.
         sign_out = sign >> 16
-        # normal range: rebias the exponent, round the 13 dropped mantissa bits
-        base = ax - 0x38000000
-        norm = (base + 0xFFF + ((base >> 13) & 1)) >> 13
-        # below 2**-14: a subnormal half, round(m * 2**(e-150) / 2**-24)
-        e = ax >> 23
-        m = tl.where(e == 0, ax & 0x7FFFFF, (ax & 0x7FFFFF) | 0x800000)
-        sh = tl.minimum(126 - tl.minimum(e, 126), 31)
-        sh = tl.maximum(sh, 1)
-        q = m >> sh
-        rem = m & ((1 << sh) - 1)
-        half = 1 << (sh - 1)
-        q = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.uint32)
-        mag = tl.where(ax >= 0x477FF000, 0x7C00, tl.where(ax < 0x38800000, q, norm))
-        out = sign_out | mag
-        payload = (x >> 13) & 0x3FF
+        out = x.to(tl.float32, bitcast=True).to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        payload = (xn >> 13) & 0x3FF
         exp_bits = 0x7C00
         quiet = 0x0200
     if NAN_MODE == 0:
@@ -149,11 +145,16 @@ def _gather_kernel(dst_ptr, table_ptr, iters, ALIGN: tl.constexpr, CHUNK: tl.con
 
 @triton.jit
 def _slice_cols_kernel(dst_ptr, src_ptr, rows, src_row, col_off, cols, ALIGN: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
     """dst[r, c] = src[r * src_row + col_off + c], a 2-D grid of (row blocks, column blocks); all
-    sizes in words of the pointers' element type."""
-    rb = tl.program_id(0).to(tl.int64)
-    cb = tl.program_id(1).to(tl.int64)
+    sizes in words of the pointers' element type. WIDE: 64-bit offsets (else 32-bit, less index
+    arithmetic; the host picks WIDE when an offset can pass 2**31)."""
+    if WIDE:
+        rb = tl.program_id(0).to(tl.int64)
+        cb = tl.program_id(1).to(tl.int64)
+    else:
+        rb = tl.program_id(0)
+        cb = tl.program_id(1)
     # (no tl.multiple_of on the scalars: Triton passes an int argument equal to 1 as a constexpr;
     # arguments divisible by 16 are specialised as such anyway)
     r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -166,6 +167,16 @@ def _slice_cols_kernel(dst_ptr, src_ptr, rows, src_row, col_off, cols, ALIGN: tl
 
 
 # ----------------------------------------------------------------------------- host side
+
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -271,45 +282,80 @@ class TritonBackend:
             self.gather(dst.view(-1).view(torch.uint8), [(0, src.view(-1).view(torch.uint8), 0, nb)])
             return
         mode, const = self.nan_rule(src.device, src.dtype, dst.dtype)
-        grid = (triton.cdiv(n, CAST_BLOCK),)
-        _cast_kernel[grid](src.view(-1).view(_INT_VIEW[src.dtype]), dst.view(-1).view(_INT_VIEW[dst.dtype]), n,
-                           SRC=_CODE[src.dtype], DST=_CODE[dst.dtype], NAN_MODE=mode, NAN_BITS=const,
-                           BLOCK=CAST_BLOCK, num_warps=8)
+        block, warps = CAST_TUNED.get((_CODE[src.dtype], _CODE[dst.dtype]),
+                                      (CONFIG["cast_block"], CONFIG["cast_warps"]))
+        _cast_kernel[(triton.cdiv(n, block),)](src.view(-1).view(_INT_VIEW[src.dtype]),
+                                               dst.view(-1).view(_INT_VIEW[dst.dtype]), n,
+                                               SRC=_CODE[src.dtype], DST=_CODE[dst.dtype], NAN_MODE=mode,
+                                               NAN_BITS=const, BLOCK=block, num_warps=warps)
 
     def gather(self, dst: torch.Tensor, pieces: Sequence[Piece]) -> None:
-        pieces = [p for p in pieces if p[3] > 0]
+        prep = self.gather_prepare(dst, pieces)
+        if prep is not None:
+            self.gather_launch(prep)
+
+    def gather_prepare(self, dst: torch.Tensor, pieces: Sequence[Piece]):
+        """Host side of a gather: check the pieces and build the device piece table (numpy, no
+        per-piece Python arithmetic). Returns what :meth:`gather_launch` needs, or None when the
+        call was served otherwise (nothing to do, or the torch reference for non-native tensors)."""
         if not pieces:
-            return
+            return None
         if not self._native(dst, *(p[1] for p in pieces)):
-            self._ref.gather(dst, pieces)
-            return
-        for d, s, so, n in pieces:
-            if d < 0 or so < 0 or d + n > dst.numel() or so + n > s.numel():
-                raise ValueError(f"gather: piece ({d}, {so}, {n}) out of bounds")
+            self._ref.gather(dst, [p for p in pieces if p[3] > 0])
+            return None
+        k = len(pieces)
+        # transpose the list at C speed; each distinct source tensor's address is looked up once
+        d_l, t_l, so_l, n_l = zip(*pieces)
+        ids = list(map(id, t_l))
+        first = dict(zip(ids, t_l))
+        uniq = list(first)
+        base_of = {u: i for i, u in enumerate(uniq)}
+        d_a = np.fromiter(d_l, np.int64, k)
+        so_a = np.fromiter(so_l, np.int64, k)
+        n_a = np.fromiter(n_l, np.int64, k)
+        idx = np.fromiter(map(base_of.__getitem__, ids), np.int64, k)
+        sptr = np.array([first[u].data_ptr() for u in uniq], np.int64)[idx]
+        slen = np.array([first[u].numel() for u in uniq], np.int64)[idx]
+        live = n_a > 0
+        if not live.all():
+            d_a, so_a, n_a, sptr, slen = d_a[live], so_a[live], n_a[live], sptr[live], slen[live]
+        if n_a.size == 0:
+            return None
+        if (d_a < 0).any() or (so_a < 0).any() or (d_a + n_a > dst.numel()).any() or (so_a + n_a > slen).any():
+            bad = int(np.nonzero((d_a < 0) | (so_a < 0) | (d_a + n_a > dst.numel()) | (so_a + n_a > slen))[0][0])
+            raise ValueError(f"gather: piece ({int(d_a[bad])}, {int(so_a[bad])}, {int(n_a[bad])}) out of bounds")
         base = dst.data_ptr()
-        vals = [base]
-        for d, s, so, n in pieces:
-            vals += [base + d, s.data_ptr() + so, n]
-        vec = _pow2_align(*vals)  # bytes every address and length is a multiple of (<= 16)
+        dabs = base + d_a
+        sabs = sptr + so_a
+        acc = np.bitwise_or.reduce(np.concatenate([dabs, sabs, n_a]) | 16) | base | 16
+        vec = int(acc & -acc)  # lowest set bit: the alignment every address and length shares (<= 16)
         word = min(vec, 4) if _word_views_ok(min(vec, 4), dst) else 1
         align = vec // word
         split = GATHER_SPLIT // word
-        rows: list[int] = []
-        longest = 0
-        for d, s, so, n in pieces:
-            dw, sw, nw = d // word, (s.data_ptr() + so - base) // word, n // word
-            for k in range(0, nw, split):
-                m = min(split, nw - k)
-                rows += [dw + k, sw + k, m]
-                longest = max(longest, m)
-        table = torch.tensor(rows, dtype=torch.int64)
+        dw, sw, nw = d_a // word, (sabs - base) // word, n_a // word
+        parts = (nw + split - 1) // split
+        if (parts == 1).all():
+            table = np.stack([dw, sw, nw], axis=1)
+            longest = int(nw.max())
+        else:
+            rep = np.repeat(np.arange(nw.size), parts)
+            first = np.cumsum(parts) - parts
+            k_in = (np.arange(rep.size) - first[rep]) * split
+            table = np.stack([dw[rep] + k_in, sw[rep] + k_in, np.minimum(split, nw[rep] - k_in)], axis=1)
+            longest = int(min(split, int(nw.max())))
+        table_t = torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64)).view(-1)
         if dst.is_cuda:
-            table = table.pin_memory().to(dst.device, non_blocking=True)
-        chunk = COPY_CHUNK // word
-        grid = (len(rows) // 3, max(1, min(triton.cdiv(longest, chunk), 64)))
+            table_t = table_t.to(dst.device)  # pageable: the driver stages it, the host buffer is free after
+        chunk = max(1, CONFIG["tile_bytes"] // word)
+        grid = (table.shape[0], max(1, min(triton.cdiv(longest, chunk), 64)))
         iters = triton.cdiv(triton.cdiv(longest, chunk), grid[1])
-        _gather_kernel[grid](_words(dst, dst.numel() // word * word, word), table, iters, ALIGN=align,
-                             CHUNK=chunk, num_warps=8)
+        return (dst, word, table_t, grid, iters, align, chunk)
+
+    def gather_launch(self, prep) -> None:
+        """Device side of a gather prepared by :meth:`gather_prepare` (one kernel launch)."""
+        dst, word, table_t, grid, iters, align, chunk = prep
+        _gather_kernel[grid](_words(dst, dst.numel() // word * word, word), table_t, iters, ALIGN=align,
+                             CHUNK=chunk, num_warps=CONFIG["copy_warps"])
 
     def slice_cols(self, dst: torch.Tensor, src: torch.Tensor, rows: int, src_row_bytes: int, col_offset: int,
                    col_bytes: int) -> None:
@@ -325,12 +371,14 @@ class TritonBackend:
         word = min(vec, 4) if _word_views_ok(min(vec, 4), dst, src) else 1
         align = vec // word
         cols = col_bytes // word
-        block_c = min(triton.next_power_of_2(cols), COPY_CHUNK // word)
-        block_r = max(1, min(COPY_CHUNK // word // block_c, triton.next_power_of_2(rows)))
+        tile = max(1, CONFIG["tile_bytes"] // word)
+        block_c = min(triton.next_power_of_2(cols), tile)
+        block_r = max(1, min(tile // block_c, triton.next_power_of_2(rows)))
         grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+        wide = (grid[0] * block_r + 1) * (src_row_bytes // word) + grid[1] * block_c >= (1 << 31) - 1
         _slice_cols_kernel[grid](_words(dst, rows * col_bytes, word), _words(src, rows * src_row_bytes, word),
                                  rows, src_row_bytes // word, col_offset // word, cols, ALIGN=align,
-                                 BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
+                                 BLOCK_R=block_r, BLOCK_C=block_c, WIDE=wide, num_warps=CONFIG["copy_warps"])
 
     # -- NaN rule -----------------------------------------------------------------------------
 
