@@ -185,7 +185,20 @@ def _sidecar_sizes(src: Path) -> dict[str, Any]:
     return {"hf_vocab_size": v} if v else {}
 
 
-def _plan_export(src: Path, dtype: str, budget: Budget, max_shard: int) -> _Job:
+@dataclass
+class _NemoCkpt:
+    """A NeMo 2 checkpoint opened for reading: context, spec, DCP index, logical sources, dims."""
+
+    where: str
+    ctx: Any
+    spec: Any
+    index: Any
+    sources: dict
+    config: dict  # model.yaml's config + sizes it may leave null + _target_
+    dims: Any
+
+
+def _open_nemo(src: Path) -> _NemoCkpt:
     where = str(src / "context" / "model.yaml")
     ctx = read_context(src / "context", on_model_target=lambda t: spec_for_nemo_model(t, where=where))
     spec = spec_for_nemo_model(ctx.model_target, where=where)
@@ -195,8 +208,13 @@ def _plan_export(src: Path, dtype: str, budget: Budget, max_shard: int) -> _Job:
     # Sizes model.yaml may leave null (vocab_size: NVIDIA's Mixtral/Gemma/Phi-3 importers) come from
     # the source config.json hfnemo kept, else from the stored embedding.
     extra = {**_sidecar_sizes(src), **({"embedding_rows": emb.shape[0]} if emb is not None and emb.shape else {})}
-    nemo_cfg = {**ctx.config, **extra, "_target_": ctx.config_target}
-    dims = nemo_dims(spec, nemo_cfg, where)
+    config = {**ctx.config, **extra, "_target_": ctx.config_target}
+    return _NemoCkpt(where, ctx, spec, index, sources, config, nemo_dims(spec, config, where))
+
+
+def _plan_export(src: Path, dtype: str, budget: Budget, max_shard: int) -> _Job:
+    ck = _open_nemo(src)
+    where, ctx, spec, index, sources, nemo_cfg, dims = ck.where, ck.ctx, ck.spec, ck.index, ck.sources, ck.config, ck.dims
     logicals = map_tensors(spec, dims, sources, "nemo_to_hf", str(src / "weights"))
     items, files = layout_hf(logicals, dtype, max_shard)
     base, dialect = None, "4"
@@ -697,16 +715,10 @@ def _plan_reshard(path: Path, fmt: str | None, dtype: str, budget: Budget, tp: i
     kind = detect(path)
     where = str(path)
     if kind == "nemo":
-        where = str(path / "context" / "model.yaml")
-        ctx = read_context(path / "context", on_model_target=lambda t: spec_for_nemo_model(t, where=where))
-        spec = spec_for_nemo_model(ctx.model_target, where=where)
-        index = read_index(path / "weights")
-        sources, _prefix = dcp_sources(index)
-        emb = sources.get("embedding.word_embeddings.weight")
-        extra = {**_sidecar_sizes(path), **({"embedding_rows": emb.shape[0]} if emb is not None and emb.shape else {})}
+        ck = _open_nemo(path)
+        where, ctx, spec, sources, dims = ck.where, ck.ctx, ck.spec, ck.sources, ck.dims
         ncfg = {**ctx.config, "_target_": ctx.config_target}
-        dims = nemo_dims(spec, {**ncfg, **extra}, where)
-        reader = RowReader(index=index)
+        reader = RowReader(index=ck.index)
         side: dict[str, Path] = {}
         if ctx.tokenizer_dir is not None:
             side = {n: ctx.tokenizer_dir / n for n in hfio.TOKENIZER_FILES if (ctx.tokenizer_dir / n).is_file()}
