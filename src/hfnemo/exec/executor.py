@@ -62,7 +62,8 @@ def _fill(block: _Block, slot: _Slot, reader: RowReader, sources: dict[str, Sour
     """Produce output rows [r0, r1) of the block's item into slot.out; returns the byte count.
 
     Whole-row segments are read straight into place (pread is the gather); a dtype change reads
-    into staging and casts; a column window (row-parallel shard) reads whole rows and cuts."""
+    into staging and casts; a column window (row-parallel shard) is read in place row by row by
+    the native core, else whole rows are staged and cut."""
     it = block.item
     out_dt = BY_NAME[it.dtype]
     row_bytes = it.row_elems * out_dt.itemsize
