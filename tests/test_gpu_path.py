@@ -103,3 +103,127 @@ def test_iter_tensors_to_device_column_cuts(tiny_hf_factory, dtype):
         seen += 1
     reader.close()
     assert seen == len(plan.items)
+
+
+def _cpu_bytes(plan):
+    from hfnemo.exec.executor import execute
+    from hfnemo.exec.sources import RowReader
+
+    data: dict = {}
+
+    class Sink:
+        def begin(self, item):
+            data[(item.key, tuple(item.offsets))] = bytearray()
+
+        def write(self, item, d):
+            data[(item.key, tuple(item.offsets))] += bytes(d)
+
+        def end(self, item):
+            pass
+
+    reader = RowReader()
+    execute(plan, reader, Sink())
+    reader.close()
+    return data
+
+
+@pytest.mark.parametrize("window", [4096, 12288, 1 << 20])
+def test_mmap_schedule_reproduces_cpu_bytes(tiny_hf_factory, window):
+    """The mmap path's work list (ops cut at window and piece boundaries), replayed on the CPU from
+    the files, gives the CPU executor's bytes; windows needed at once are counted."""
+    from hfnemo.dtypes import BY_NAME
+    from hfnemo.exec.gpu import mmap_schedule, mmap_supported
+
+    src = tiny_hf_factory("llama3_gqa", dtype=torch.bfloat16)
+    for dtype in ("auto", "fp32"):
+        plan = hfnemo.api.plan(src, to="nemo", dtype=dtype, max_memory="8GiB")
+        assert mmap_supported(plan) in (None, "no CUDA")
+        ops, order, last, peak = mmap_schedule(plan, window, piece=20000)
+        assert 1 <= peak <= len(order) and set(last) == set(order)
+        files = {}
+        want = _cpu_bytes(plan)
+        got = {(it.key, tuple(it.offsets)): bytearray(it.nbytes) for it in plan.items}
+        for op in ops:
+            it = plan.items[op.item]
+            buf = got[(it.key, tuple(it.offsets))]
+            if op.kind == "zero":
+                buf[op.lo:op.hi] = bytes(op.hi - op.lo)
+                continue
+            raw = b""
+            for (path, w), off, m in op.parts:
+                if path not in files:
+                    files[path] = Path(path).read_bytes()
+                assert off + m <= window
+                raw += files[path][w * window + off:w * window + off + m]
+            t = torch.frombuffer(bytearray(raw), dtype=BY_NAME[op.src_dtype].torch)
+            if op.kind == "cast":
+                t = t.to(BY_NAME[it.dtype].torch)
+            buf[op.lo:op.hi] = t.view(torch.uint8).numpy().tobytes()
+        assert sum(op.end for op in ops) == len(plan.items)
+        for k in want:
+            assert bytes(got[k]) == bytes(want[k]), k
+
+
+def test_mmap_schedule_refuses_column_cuts(tiny_hf_factory):
+    from hfnemo.exec.gpu import mmap_schedule
+
+    src = tiny_hf_factory("llama3_gqa", dtype=torch.float32)
+    plan = hfnemo.api.plan(src, to="nemo", dtype="auto", tp=2, max_memory="8GiB")
+    with pytest.raises(ValueError):
+        mmap_schedule(plan, 1 << 20)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,window", [("auto", 65536), ("auto", None), ("fp16", 131072), ("fp32", None)])
+def test_iter_tensors_to_device_mmap_matches_cpu(tiny_hf_factory, dtype, window):
+    """The mmap-window source path (registered page-cache windows, no pinned bounce) gives the CPU
+    executor's bytes; tiny windows make copies straddle windows and force releases mid-item."""
+    from hfnemo.exec.gpu import iter_tensors_to_device
+    from hfnemo.exec.sources import RowReader
+
+    src = tiny_hf_factory("llama3_gqa", dtype=torch.bfloat16)
+    plan = hfnemo.api.plan(src, to="nemo", dtype=dtype, max_memory="8GiB")
+    want = _cpu_bytes(plan)
+    for source in ("mmap", "pread"):
+        reader = RowReader()
+        stats: dict = {}
+        seen = 0
+        for key, offsets, t in iter_tensors_to_device(plan, reader, "cuda", max_memory="512MiB", source=source,
+                                                      window_bytes=window, stats=stats, map_threads=3):
+            got = t.contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes()
+            assert got == bytes(want[(key, tuple(offsets))]), (source, key)
+            seen += 1
+        reader.close()
+        assert seen == len(plan.items)
+        assert stats["source_path"] == source
+        if source == "mmap":
+            assert stats["peak_mapped_windows"] <= stats["max_windows"]
+            assert stats["peak_mapped_bytes"] + stats["device_staging_bytes"] <= stats["budget"]
+
+
+@needs_cuda
+def test_iter_tensors_to_device_mmap_early_exit_and_auto(tiny_hf_factory):
+    """Leaving the loop early unmaps every window; auto is the pread path; mmap refuses column cuts
+    and a budget too small for its windows."""
+    from hfnemo.errors import BudgetExceeded
+    from hfnemo.exec.gpu import iter_tensors_to_device
+    from hfnemo.exec.sources import RowReader
+
+    src = tiny_hf_factory("llama3_gqa", dtype=torch.bfloat16)
+    plan = hfnemo.api.plan(src, to="nemo", dtype="auto", max_memory="8GiB")
+    reader = RowReader()
+    stats: dict = {}
+    gen = iter_tensors_to_device(plan, reader, "cuda", max_memory="256MiB", source="mmap", window_bytes=65536,
+                                 stats=stats)
+    next(gen)
+    gen.close()
+    assert stats["source_path"] == "mmap"
+    stats2: dict = {}
+    assert sum(1 for _ in iter_tensors_to_device(plan, reader, "cuda", stats=stats2)) == len(plan.items)
+    assert stats2["source_path"] == "pread"
+    with pytest.raises(BudgetExceeded):
+        next(iter_tensors_to_device(plan, reader, "cuda", max_memory="4MiB", source="mmap", window_bytes=4 << 20))
+    plan2 = hfnemo.api.plan(src, to="nemo", dtype="auto", tp=2, max_memory="8GiB")
+    with pytest.raises(ValueError, match="column"):
+        next(iter_tensors_to_device(plan2, reader, "cuda", max_memory="64MiB", source="mmap"))
+    reader.close()
