@@ -5,6 +5,12 @@
 
 #include "parallel.h"
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(HFNEMO_NO_CLONES)
+#define HFNEMO_X86_F16 1  // run-time picked F16C / AVX-512 float16 loops (below)
+#include <cpuid.h>
+#include <immintrin.h>
+#endif
+
 namespace hfnemo {
 
 namespace {
@@ -129,6 +135,142 @@ HFNEMO_PLAIN(loop_f64_bf16, double, u16, k_f32_to_bf16(bits_of(static_cast<float
 
 using LoopFn = void (*)(const void*, void*, std::size_t, std::size_t);
 
+// ---- float16 with the x86 conversion instructions (F16C, AVX-512F) ----
+//
+// vcvtps2ph with an immediate round-to-nearest-even (imm8 = 0: MXCSR.RC not used) and vcvtph2ps
+// are the instructions torch's vectorized copy_ uses on AVX2 / AVX-512 builds, and they give the
+// bits of k_f32_to_f16 / k_f16_to_f32 for every input, NaNs included (quiet bit set, sign and the
+// top payload bits kept; checked over all 2^32 float32 inputs). Their results do not depend on
+// MXCSR (no float32 denormal input can round to anything but +-0 in float16, and vcvtph2ps /
+// vcvtps2ph ignore FTZ for their float16 side). Picked at run time (cpuid), the same .so runs
+// everywhere; the tails (< one vector) use the portable element code, which gives the same bits.
+
+#ifdef HFNEMO_X86_F16
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push  // GCC 12's AVX-512 headers: false -Wmaybe-uninitialized (_mm512_undefined_*)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#define HFNEMO_AVX2_F16C __attribute__((target("avx,avx2,f16c")))
+#define HFNEMO_AVX512 __attribute__((target("avx512f")))
+
+HFNEMO_AVX2_F16C void loop_f32_f16_f16c(const void* s, void* d, std::size_t b, std::size_t e) {
+    const float* src = static_cast<const float*>(s);
+    u16* dst = static_cast<u16*>(d);
+    std::size_t i = b;
+    for (; i + 32 <= e; i += 32) {
+        const __m256 x0 = _mm256_loadu_ps(src + i), x1 = _mm256_loadu_ps(src + i + 8);
+        const __m256 x2 = _mm256_loadu_ps(src + i + 16), x3 = _mm256_loadu_ps(src + i + 24);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(x0, _MM_FROUND_TO_NEAREST_INT));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i + 8), _mm256_cvtps_ph(x1, _MM_FROUND_TO_NEAREST_INT));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i + 16), _mm256_cvtps_ph(x2, _MM_FROUND_TO_NEAREST_INT));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i + 24), _mm256_cvtps_ph(x3, _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; i + 8 <= e; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    const u32* su = static_cast<const u32*>(s);
+    for (; i < e; ++i) dst[i] = static_cast<u16>(k_f32_to_f16(su[i]));
+}
+
+HFNEMO_AVX512 void loop_f32_f16_avx512(const void* s, void* d, std::size_t b, std::size_t e) {
+    const float* src = static_cast<const float*>(s);
+    u16* dst = static_cast<u16*>(d);
+    std::size_t i = b;
+    for (; i + 64 <= e; i += 64) {
+        const __m512 x0 = _mm512_loadu_ps(src + i), x1 = _mm512_loadu_ps(src + i + 16);
+        const __m512 x2 = _mm512_loadu_ps(src + i + 32), x3 = _mm512_loadu_ps(src + i + 48);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtps_ph(x0, _MM_FROUND_TO_NEAREST_INT));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i + 16), _mm512_cvtps_ph(x1, _MM_FROUND_TO_NEAREST_INT));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i + 32), _mm512_cvtps_ph(x2, _MM_FROUND_TO_NEAREST_INT));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i + 48), _mm512_cvtps_ph(x3, _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; i + 16 <= e; i += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    const u32* su = static_cast<const u32*>(s);
+    for (; i < e; ++i) dst[i] = static_cast<u16>(k_f32_to_f16(su[i]));
+}
+
+HFNEMO_AVX2_F16C void loop_bf16_f16_f16c(const void* s, void* d, std::size_t b, std::size_t e) {
+    const u16* src = static_cast<const u16*>(s);
+    u16* dst = static_cast<u16*>(d);
+    std::size_t i = b;
+    for (; i + 8 <= e; i += 8) {
+        const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))), 16);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_castsi256_ps(w), _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; i < e; ++i) dst[i] = static_cast<u16>(k_f32_to_f16(static_cast<u32>(src[i]) << 16));
+}
+
+HFNEMO_AVX512 void loop_bf16_f16_avx512(const void* s, void* d, std::size_t b, std::size_t e) {
+    const u16* src = static_cast<const u16*>(s);
+    u16* dst = static_cast<u16*>(d);
+    std::size_t i = b;
+    for (; i + 16 <= e; i += 16) {
+        const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))), 16);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtps_ph(_mm512_castsi512_ps(w), _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; i < e; ++i) dst[i] = static_cast<u16>(k_f32_to_f16(static_cast<u32>(src[i]) << 16));
+}
+
+HFNEMO_AVX2_F16C void loop_f16_f32_f16c(const void* s, void* d, std::size_t b, std::size_t e) {
+    const u16* src = static_cast<const u16*>(s);
+    float* dst = static_cast<float*>(d);
+    std::size_t i = b;
+    for (; i + 32 <= e; i += 32) {
+        const __m128i h0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+        const __m128i h1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 8));
+        const __m128i h2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
+        const __m128i h3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 24));
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h0));
+        _mm256_storeu_ps(dst + i + 8, _mm256_cvtph_ps(h1));
+        _mm256_storeu_ps(dst + i + 16, _mm256_cvtph_ps(h2));
+        _mm256_storeu_ps(dst + i + 24, _mm256_cvtph_ps(h3));
+    }
+    for (; i + 8 <= e; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+    u32* du = static_cast<u32*>(d);
+    for (; i < e; ++i) du[i] = k_f16_to_f32(src[i]);
+}
+
+HFNEMO_AVX512 void loop_f16_f32_avx512(const void* s, void* d, std::size_t b, std::size_t e) {
+    const u16* src = static_cast<const u16*>(s);
+    float* dst = static_cast<float*>(d);
+    std::size_t i = b;
+    for (; i + 64 <= e; i += 64) {
+        const __m256i h0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+        const __m256i h1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 16));
+        const __m256i h2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 32));
+        const __m256i h3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 48));
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(h0));
+        _mm512_storeu_ps(dst + i + 16, _mm512_cvtph_ps(h1));
+        _mm512_storeu_ps(dst + i + 32, _mm512_cvtph_ps(h2));
+        _mm512_storeu_ps(dst + i + 48, _mm512_cvtph_ps(h3));
+    }
+    for (; i + 16 <= e; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+    u32* du = static_cast<u32*>(d);
+    for (; i < e; ++i) du[i] = k_f16_to_f32(src[i]);
+}
+
+#undef HFNEMO_AVX2_F16C
+#undef HFNEMO_AVX512
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+// 2: AVX-512F usable (CPU and OS), 1: AVX2 + F16C usable, 0: neither.
+int f16_isa() {
+    static const int isa = [] {
+        unsigned a = 0, b = 0, c = 0, d = 0;
+        const bool f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+        __builtin_cpu_init();
+        if (f16c && __builtin_cpu_supports("avx512f")) return 2;
+        if (f16c && __builtin_cpu_supports("avx2")) return 1;
+        return 0;
+    }();
+    return isa;
+}
+#endif  // HFNEMO_X86_F16
+
 LoopFn loop_for(DType s, DType d) {
     static const LoopFn table[4][4] = {
         // dst:   F64            F32            F16            BF16          (src row)
@@ -137,6 +279,13 @@ LoopFn loop_for(DType s, DType d) {
         {loop_f16_f64, loop_f16_f32, nullptr, loop_f16_bf16},      // F16
         {loop_bf16_f64, loop_bf16_f32, loop_bf16_f16, nullptr},    // BF16
     };
+#ifdef HFNEMO_X86_F16
+    if (const int isa = f16_isa()) {
+        if (s == DType::F32 && d == DType::F16) return isa == 2 ? loop_f32_f16_avx512 : loop_f32_f16_f16c;
+        if (s == DType::F16 && d == DType::F32) return isa == 2 ? loop_f16_f32_avx512 : loop_f16_f32_f16c;
+        if (s == DType::BF16 && d == DType::F16) return isa == 2 ? loop_bf16_f16_avx512 : loop_bf16_f16_f16c;
+    }
+#endif
     return table[static_cast<int>(s)][static_cast<int>(d)];
 }
 

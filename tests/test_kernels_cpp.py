@@ -349,6 +349,23 @@ def test_slice_cols_tp_shards(tp):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("shape", [(1500, 8191, 1237, 5701, 1), (300, 57344, 28672, 28672, 0), (70000, 300, 5, 130, 3)],
+                         ids=["odd-unaligned", "tp2-aligned", "short-rows"])
+def test_slice_cols_large_streamed(shape, threads):
+    """Outputs >= 8 MiB (the non-temporal store path): odd row lengths, destination not 64-byte
+    aligned, rows split between threads, bytes around the destination untouched."""
+    rows, src_row, col_off, col_bytes, dst_off = shape
+    _C.set_threads(threads)
+    g = torch.Generator().manual_seed(rows + threads)
+    src = torch.randint(0, 256, (rows * src_row + 3,), dtype=torch.uint8, generator=g)[3:]
+    a = torch.randint(0, 256, (rows * col_bytes + dst_off + 64,), dtype=torch.uint8, generator=g)
+    b = a.clone()
+    REF.slice_cols(a[dst_off:dst_off + rows * col_bytes], src, rows, src_row, col_off, col_bytes)
+    CPP.slice_cols(b[dst_off:dst_off + rows * col_bytes], src, rows, src_row, col_off, col_bytes)
+    assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------- concurrency
 
 def test_concurrent_calls_from_python_threads():
