@@ -24,10 +24,8 @@ Every step runs as a child process measured by ``hfnemo.memwatch.run_and_measure
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import json
-import mmap
 import os
 import platform
 import shlex
@@ -388,12 +386,7 @@ def ensure_checkpoint(cache: Path, shape: dict, layers: int) -> Path:
 
 
 def all_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    out = []
-    for root, _dirs, files in os.walk(path):
-        out += [Path(root) / f for f in files]
-    return sorted(out)
+    return [Path(f) for f in _load_memwatch().files_under(path)]
 
 
 def dir_bytes(path: Path) -> int:
@@ -402,63 +395,23 @@ def dir_bytes(path: Path) -> int:
 
 def evict(paths, method: str) -> str:
     """sync, then drop the page cache of ``paths`` (fadvise) or of the whole box."""
-    os.sync()
     if method == "none":
+        os.sync()
         return "none"
     if method == "drop_caches":
+        os.sync()
         try:
             with open("/proc/sys/vm/drop_caches", "w") as f:
                 f.write("1\n")
             return "drop_caches"
         except OSError as e:
             log(f"drop_caches not possible ({e}); using fadvise")
-    for p in paths:
-        for f in all_files(Path(p)):
-            try:
-                fd = os.open(f, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-    return "fadvise_dontneed"
-
-
-_libc = None
+    return "fadvise_dontneed" if _load_memwatch().evict_page_cache(paths) else "none"
 
 
 def cached_fraction(paths) -> float | None:
     """Fraction of the bytes of ``paths`` resident in the page cache (mincore)."""
-    global _libc
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        page = mmap.PAGESIZE
-        total = resident = 0
-        for p in paths:
-            for f in all_files(Path(p)):
-                size = f.stat().st_size
-                if size == 0:
-                    continue
-                with open(f, "rb") as fh:
-                    mm = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY)
-                anchor = ctypes.c_char.from_buffer(mm)
-                try:
-                    npages = (size + page - 1) // page
-                    vec = (ctypes.c_ubyte * npages)()
-                    rc = _libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec)
-                    if rc != 0:
-                        return None
-                    resident += npages - bytes(vec).count(0)
-                    total += npages
-                finally:
-                    del anchor
-                    mm.close()
-        return resident / total if total else 0.0
-    except Exception:
-        return None
+    return _load_memwatch().cached_fraction(paths)
 
 
 # --------------------------------------------------------------------------- #

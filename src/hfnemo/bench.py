@@ -241,12 +241,7 @@ def _log(msg: str) -> None:
 
 
 def _files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    out = []
-    for root, _dirs, names in os.walk(path):
-        out += [Path(root) / n for n in names]
-    return sorted(out)
+    return [Path(f) for f in _memwatch().files_under(path)]
 
 
 def _tree_size(root: Path) -> int:
@@ -272,62 +267,11 @@ def _tree_size(root: Path) -> int:
 
 
 def _evict(paths: list[Path]) -> bool:
-    """os.sync(), then POSIX_FADV_DONTNEED on every file; False if fadvise is unavailable."""
-    os.sync()
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    for p in paths:
-        for f in _files(p):
-            try:
-                fd = os.open(f, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-    return True
-
-
-_libc: Any = None
+    return _memwatch().evict_page_cache(paths)
 
 
 def _cached_fraction(paths: list[Path]) -> float | None:
-    """Fraction of the pages of ``paths`` resident in the page cache (mincore); None if unknown."""
-    global _libc
-    import ctypes
-    import mmap
-
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        page = mmap.PAGESIZE
-        total = resident = 0
-        for p in paths:
-            for f in _files(p):
-                size = f.stat().st_size
-                if size == 0:
-                    continue
-                with open(f, "rb") as fh:
-                    mm = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY)  # writable: from_buffer
-                anchor = ctypes.c_char.from_buffer(mm)
-                try:
-                    npages = (size + page - 1) // page
-                    vec = (ctypes.c_ubyte * npages)()
-                    rc = _libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec)
-                    if rc != 0:
-                        return None
-                    resident += npages - bytes(vec).count(0)
-                    total += npages
-                finally:
-                    del anchor
-                    mm.close()
-        return resident / total if total else 0.0
-    except Exception:
-        return None
+    return _memwatch().cached_fraction(paths)
 
 
 def _rm(path: Path) -> None:

@@ -616,3 +616,76 @@ def _main(argv: Iterable[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(_main())
+
+
+# --------------------------------------------------------------------------------- page cache
+# Benchmarks evict the page cache of their inputs before each run and check how much of them is
+# still resident; hfnemo.bench and benchmarks/bench_convert.py share these (stdlib only).
+
+def files_under(path: "os.PathLike[str] | str") -> list[str]:
+    """Every regular file at or below ``path``, sorted."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return [path]
+    out: list[str] = []
+    for root, _dirs, names in os.walk(path):
+        out += [os.path.join(root, n) for n in names]
+    return sorted(out)
+
+
+def evict_page_cache(paths: Iterable["os.PathLike[str] | str"]) -> bool:
+    """os.sync(), then POSIX_FADV_DONTNEED on every file; False when fadvise is unavailable."""
+    os.sync()
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for p in paths:
+        for f in files_under(p):
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return True
+
+
+_libc = None
+
+
+def cached_fraction(paths: Iterable["os.PathLike[str] | str"]) -> float | None:
+    """Fraction of the pages of ``paths`` resident in the page cache (mincore); None if unknown."""
+    global _libc
+    import ctypes
+    import mmap
+
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        page = mmap.PAGESIZE
+        total = resident = 0
+        for p in paths:
+            for f in files_under(p):
+                size = os.path.getsize(f)
+                if size == 0:
+                    continue
+                with open(f, "rb") as fh:
+                    mm = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY)  # writable: from_buffer
+                anchor = ctypes.c_char.from_buffer(mm)
+                try:
+                    npages = (size + page - 1) // page
+                    vec = (ctypes.c_ubyte * npages)()
+                    if _libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec) != 0:
+                        return None
+                    resident += npages - bytes(vec).count(0)
+                    total += npages
+                finally:
+                    del anchor
+                    mm.close()
+        return resident / total if total else 0.0
+    except Exception:  # noqa: BLE001 - an estimate; never fail a benchmark over it
+        return None
