@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tiny_models import BOS_ID, EOS_ID, HF4_VERSION, PAD_ID, TOKENIZER_VOCAB, _write_json, save_tokenizer
+from tiny_models import BOS_ID, EOS_ID, HF4_VERSION, PAD_ID, save_tiny
 
 _IDS = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, initializer_range=0.02)
 _LONGROPE_SHORT = [1.0, 1.05, 1.1, 1.25, 1.5, 1.8, 2.2, 2.6]  # head_dim 32 -> 16 factors in the model
@@ -116,19 +116,7 @@ def make_tiny(out_dir: Path, shape: str, *, dtype: torch.dtype = torch.bfloat16,
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_((0.0 if zero_centred else 1.0) + 0.1 * torch.randn(p.shape, generator=g))
-    model = model.to(dtype).eval()
-    model.generation_config = transformers.GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-                                                            pad_token_id=PAD_ID)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    if dialect == "4":
-        cfg_path = out_dir / "config.json"
-        _write_json(cfg_path, config_to_v4(json.loads(cfg_path.read_text())))
-        gen_path = out_dir / "generation_config.json"
-        _write_json(gen_path, {**json.loads(gen_path.read_text()), "transformers_version": HF4_VERSION})
-    if tokenizer:
-        save_tokenizer(out_dir, dialect)
-        assert TOKENIZER_VOCAB != config.vocab_size
-    return out_dir
+    return save_tiny(model, out_dir, dtype=dtype, dialect=dialect, tokenizer=tokenizer, to_v4=config_to_v4)
 
 
 if __name__ == "__main__":  # python tests/tiny_gemma_phi3.py SHAPE OUT_DIR: a 4.x-dialect bf16 checkpoint

@@ -21,7 +21,7 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -182,19 +182,33 @@ def make_tiny_hf(out_dir: Path, shape: str, *, dtype: torch.dtype = torch.bfloat
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             elif name.endswith(".bias"):
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    return save_tiny(model, out_dir, dtype=dtype, dialect=dialect, tokenizer=tokenizer, **kw)
+
+
+def save_tiny(model: Any, out_dir: Path, *, dtype: torch.dtype, dialect: str, tokenizer: bool = True,
+              to_v4: Callable[[dict], dict] | None = None, edit_config: Callable[[dict], dict] | None = None,
+              **save_kw: Any) -> Path:
+    """Cast ``model``, save it with a generation config (bos/eos/pad ids), rewrite config.json
+    (``edit_config``, then the 4.x dialect with ``to_v4`` when dialect is "4") and add the tokenizer:
+    the common tail of every tiny-model builder."""
+    import transformers
+
     model = model.to(dtype).eval()
     model.generation_config = transformers.GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID,
                                                             pad_token_id=PAD_ID)
-    kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    model.save_pretrained(out_dir, safe_serialization=True, **kw)
+    model.save_pretrained(out_dir, safe_serialization=True, **save_kw)
+    cfg_path = out_dir / "config.json"
+    if edit_config is not None or dialect == "4":
+        cfg = json.loads(cfg_path.read_text())
+        cfg = edit_config(cfg) if edit_config is not None else cfg
+        _write_json(cfg_path, (to_v4 or config_to_v4)(cfg) if dialect == "4" else cfg)
     if dialect == "4":
-        cfg_path = out_dir / "config.json"
-        _write_json(cfg_path, config_to_v4(json.loads(cfg_path.read_text())))
         gen_path = out_dir / "generation_config.json"
         _write_json(gen_path, {**json.loads(gen_path.read_text()), "transformers_version": HF4_VERSION})
     if tokenizer:
         save_tokenizer(out_dir, dialect)
-        assert TOKENIZER_VOCAB != config.vocab_size
+        assert TOKENIZER_VOCAB != model.config.vocab_size
     return out_dir
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tiny_models import BOS_ID, EOS_ID, HF4_VERSION, PAD_ID, TOKENIZER_VOCAB, config_to_v4, save_tokenizer
+from tiny_models import BOS_ID, EOS_ID, PAD_ID, save_tiny
 
 _COMMON: dict[str, Any] = dict(hidden_act="silu", initializer_range=0.02, bos_token_id=BOS_ID,
                                eos_token_id=EOS_ID, pad_token_id=PAD_ID)
@@ -79,24 +79,15 @@ def make_tiny(out_dir: Path, shape: str, *, dtype: torch.dtype = torch.bfloat16,
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
             elif name.endswith("gate.weight"):  # a sharper router, so that top-k choices differ per token
                 p.copy_(torch.randn(p.shape, generator=g))
-    model = model.to(dtype).eval()
-    model.generation_config = transformers.GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-                                                            pad_token_id=PAD_ID)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    cfg_path = out_dir / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    for k, v in SHAPES[shape].get("_json", {}).items():
-        if v is None:  # None deletes the field
-            cfg.pop(k, None)
-        else:
-            cfg[k] = v
-    _write_json(cfg_path, config_to_v4(cfg) if dialect == "4" else cfg)
-    if dialect == "4":
-        gen_path = out_dir / "generation_config.json"
-        _write_json(gen_path, {**json.loads(gen_path.read_text()), "transformers_version": HF4_VERSION})
-    save_tokenizer(out_dir, dialect)
-    assert TOKENIZER_VOCAB != config.vocab_size
-    return out_dir
+    def edit(cfg: dict) -> dict:
+        for k, v in SHAPES[shape].get("_json", {}).items():
+            if v is None:  # None deletes the field
+                cfg.pop(k, None)
+            else:
+                cfg[k] = v
+        return cfg
+
+    return save_tiny(model, out_dir, dtype=dtype, dialect=dialect, edit_config=edit)
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tiny_models import BOS_ID, EOS_ID, HF4_VERSION, PAD_ID, TOKENIZER_VOCAB, save_tokenizer
+from tiny_models import BOS_ID, EOS_ID, HF4_VERSION, PAD_ID, save_tiny
 
 # Named configs (5.x kwargs); ratios follow the real model (heads:kv heads, ffn/hidden, rotary, tying).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -67,10 +67,6 @@ def shape_config(shape: str, num_layers: int = 2,
     cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
     return cls(**spec, rope_parameters=rope, num_hidden_layers=num_layers, bos_token_id=BOS_ID,
                eos_token_id=EOS_ID, pad_token_id=PAD_ID, architectures=[arch])
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def config_to_hub(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -127,16 +123,4 @@ def make_tiny_parallel(out_dir: Path, shape: str, *, dtype: torch.dtype = torch.
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             elif name.endswith(".bias"):
                 p.copy_((0.1 if is_norm else 0.02) * torch.randn(p.shape, generator=g))
-    model = model.to(dtype).eval()
-    model.generation_config = transformers.GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-                                                            pad_token_id=PAD_ID)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    if dialect == "4":
-        cfg_path = out_dir / "config.json"
-        _write_json(cfg_path, config_to_hub(json.loads(cfg_path.read_text())))
-        gen_path = out_dir / "generation_config.json"
-        _write_json(gen_path, {**json.loads(gen_path.read_text()), "transformers_version": HF4_VERSION})
-    if tokenizer:
-        save_tokenizer(out_dir, dialect)
-        assert TOKENIZER_VOCAB != config.vocab_size
-    return out_dir
+    return save_tiny(model, out_dir, dtype=dtype, dialect=dialect, tokenizer=tokenizer, to_v4=config_to_hub)
