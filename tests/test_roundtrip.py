@@ -82,3 +82,32 @@ def test_tied_model_keeps_tie(tiny_hf_factory, tmp_path: Path) -> None:
     hfnemo.convert(tmp_path / "nemo", tmp_path / "back")
     assert "lm_head.weight" not in load_hf_state(tmp_path / "back")
     assert json.loads((tmp_path / "back" / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+@pytest.mark.parametrize("dialect", ["4", "5"])
+def test_linear_rope_scaling(tiny_hf_factory, tmp_path: Path, dialect: str) -> None:
+    """rope_scaling {type: linear} (long-context Llama-2 fine-tunes) -> seq_len_interpolation_factor
+    in model.yaml (NVIDIA's importer drops it), and back to the same config.json and logits."""
+    import shutil
+
+    import yaml
+    src = tmp_path / "src"
+    shutil.copytree(tiny_hf_factory("llama2_mha", dialect=dialect), src)
+    cfg = json.loads((src / "config.json").read_text())
+    if dialect == "4":
+        cfg["rope_scaling"] = {"factor": 4.0, "rope_type": "linear"}
+    else:
+        cfg["rope_parameters"] = {**cfg["rope_parameters"], "factor": 4.0, "rope_type": "linear"}
+    (src / "config.json").write_text(json.dumps(cfg, indent=2))
+    hfnemo.convert(src, tmp_path / "nemo")
+    conf = yaml.safe_load((tmp_path / "nemo" / "context" / "model.yaml").read_text())["config"]
+    assert conf["seq_len_interpolation_factor"] == 4.0
+    hfnemo.convert(tmp_path / "nemo", tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == cfg
+    ids = fixed_input_ids(320)
+    assert torch.equal(hf_logits(src, ids), hf_logits(tmp_path / "back", ids))
+    # and the sidecar is not what carries it: model.yaml alone gives the same rope_scaling
+    (tmp_path / "nemo" / "context" / "artifacts" / "hf_config.json").unlink()
+    hfnemo.convert(tmp_path / "nemo", tmp_path / "bare")
+    bare = json.loads((tmp_path / "bare" / "config.json").read_text())
+    assert bare["rope_scaling"] == {"factor": 4.0, "rope_type": "linear"}
