@@ -189,7 +189,7 @@ def _pieces(gen, srcs, dst_len, count, align):
     return pieces
 
 
-@pytest.mark.parametrize("align", [1, 2, 4, 16])
+@pytest.mark.parametrize("align", [1, 2, 4, 8, 16])
 def test_gather(lane, align):
     backend, dev = lane
     gen = torch.Generator().manual_seed(align)
@@ -223,7 +223,8 @@ def test_gather_large_pieces(lane):
 
 @pytest.mark.parametrize("rows,src_row,col_off,cols", [
     (1, 16, 0, 16), (37, 200, 12, 48), (37, 203, 13, 47), (5, 4096, 2048, 2048), (1000, 96, 32, 32),
-    (3, 20000, 4, 12000), (129, 64, 62, 2), (64, 8192 * 2, 4096 * 2, 4096 * 2)])
+    (3, 20000, 4, 12000), (129, 64, 62, 2), (64, 8192 * 2, 4096 * 2, 4096 * 2),
+    (300, 512, 256, 128), (33, 520, 8, 24), (17, 1032, 1000, 24)])
 def test_slice_cols(lane, rows, src_row, col_off, cols):
     backend, dev = lane
     gen = torch.Generator().manual_seed(rows + cols)

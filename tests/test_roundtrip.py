@@ -111,3 +111,45 @@ def test_linear_rope_scaling(tiny_hf_factory, tmp_path: Path, dialect: str) -> N
     hfnemo.convert(tmp_path / "nemo", tmp_path / "bare")
     bare = json.loads((tmp_path / "bare" / "config.json").read_text())
     assert bare["rope_scaling"] == {"factor": 4.0, "rope_type": "linear"}
+
+
+def test_llama1_style_checkpoint(tiny_hf_factory, tmp_path: Path) -> None:
+    """Llama 1 era: no num_key_value_heads / rope_theta / head_dim in config.json and rotary
+    inv_freq buffers saved with the weights (ignored, as the model recomputes them)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    src = tmp_path / "src"
+    shutil.copytree(tiny_hf_factory("llama2_mha", tokenizer=False), src)
+    cfg = json.loads((src / "config.json").read_text())
+    for k in ("num_key_value_heads", "rope_theta", "head_dim", "rope_scaling", "attention_bias", "mlp_bias"):
+        cfg.pop(k, None)
+    (src / "config.json").write_text(json.dumps(cfg, indent=2))
+    state = load_file(src / "model.safetensors")
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.rand(16)
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    hfnemo.convert(src, tmp_path / "nemo")
+    hfnemo.convert(tmp_path / "nemo", tmp_path / "back")
+    a, b = load_hf_state(src), load_hf_state(tmp_path / "back")
+    a.pop("model.layers.0.self_attn.rotary_emb.inv_freq")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == cfg
+    ids = fixed_input_ids(320)
+    assert torch.equal(hf_logits(src, ids), hf_logits(tmp_path / "back", ids))
+
+
+def test_mistral_config_without_sliding_window_key(tiny_hf_factory, tmp_path: Path) -> None:
+    """No sliding_window key means transformers' default 4096-token window, not full attention."""
+    import shutil
+
+    import yaml
+    src = tmp_path / "src"
+    shutil.copytree(tiny_hf_factory("mistral", tokenizer=False), src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("sliding_window")
+    (src / "config.json").write_text(json.dumps(cfg, indent=2))
+    hfnemo.convert(src, tmp_path / "nemo")
+    conf = yaml.safe_load((tmp_path / "nemo" / "context" / "model.yaml").read_text())["config"]
+    assert conf["window_size"] == [4096, 0]
+    hfnemo.convert(tmp_path / "nemo", tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == cfg

@@ -564,7 +564,9 @@ class MistralWindow(ConfigRule):
     hf_keys = ("sliding_window", "max_position_embeddings")
 
     def to_nemo(self, hf, out, where):
-        w = hf.get("sliding_window")
+        # transformers' MistralConfig assumes a 4096-token window when config.json has no key at
+        # all; an explicit null (Mistral v0.2 and later) means full attention.
+        w = hf["sliding_window"] if "sliding_window" in hf else 4096
         out["seq_length"] = int(w) if w else None
         out["window_size"] = [int(w), 0] if w else None
         out["cp_comm_type"] = "a2a" if w else None

@@ -57,6 +57,17 @@ MISTRAL_CONFIG = _COMMON + (
 
 _HF_DEFAULTS = {"attention_dropout": 0.0, "pretraining_tp": 1, "use_cache": True}
 
+def _implicit(cfg):
+    """transformers LlamaConfig / MistralConfig defaults for fields a config.json may omit."""
+    return {"num_key_value_heads": cfg.get("num_attention_heads"),
+            "head_dim": cfg["hidden_size"] // cfg["num_attention_heads"], "rope_theta": 10000.0,
+            "rope_scaling": None, "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False}
+
+
+def _mistral_implicit(cfg):
+    return {**_implicit(cfg), "sliding_window": 4096}
+
+
 LLAMA = ArchSpec(
     name="llama",
     hf_architectures=("LlamaForCausalLM",),
@@ -68,6 +79,7 @@ LLAMA = ArchSpec(
     nemo_config_variants=(("scale_factor", "nemo.collections.llm.gpt.model.llama.Llama31Config"),),
     extra_state=DENSE_TE_MODULES,
     hf_defaults=_HF_DEFAULTS,
+    hf_implicit=_implicit,
 )
 
 MISTRAL = ArchSpec(
@@ -80,4 +92,5 @@ MISTRAL = ArchSpec(
     config_rules=MISTRAL_CONFIG,
     extra_state=DENSE_TE_MODULES,
     hf_defaults={"attention_dropout": 0.0, "use_cache": True},
+    hf_implicit=_mistral_implicit,
 )

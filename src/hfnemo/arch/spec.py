@@ -31,6 +31,9 @@ class ArchSpec:
     hf_ignore_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
     # HF config fields written on export when the checkpoint carries no original config.json.
     hf_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # What transformers' config class assumes for a field config.json omits, given the others;
+    # export then leaves such fields out when the source config left them out.
+    hf_implicit: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
     # AutoTokenizer arguments NVIDIA's importer records in io.json/model.yaml (Qwen: trust_remote_code).
     tokenizer_args: tuple[tuple[str, Any], ...] = ()
     # Families whose configs name sizes differently (Falcon, GPT-NeoX) supply their own readers.
@@ -151,6 +154,12 @@ def nemo_to_hf_config(spec: ArchSpec, nemo: Mapping[str, Any], base: Mapping[str
         out["model_type"] = spec.hf_model_type
     for rule in spec.config_rules:
         rule.to_hf(nemo, out, where)
+    if base and spec.hf_implicit is not None:
+        # Fields the source config.json left out stay out when the derived value is what
+        # transformers assumes for a missing field (Llama-1/2 configs have no head_dim, ...).
+        implicit = spec.hf_implicit(out)
+        for key in [k for k in out if k not in base and k in implicit and out[k] == implicit[k]]:
+            del out[key]
     return out
 
 
