@@ -57,7 +57,8 @@ def best_ms(fn, repeat: int, warmup: int = 2) -> float:
     return best
 
 
-def kernels(repeat: int) -> None:
+def kernels(repeat: int, sweep: bool = True) -> None:
+    """sweep=False: time the backend defaults only (e.g. an earlier version of the module)."""
     from hfnemo.kernels.torch_ref import TorchBackend
     from hfnemo.kernels.triton_backend import TritonBackend
 
@@ -106,9 +107,13 @@ def kernels(repeat: int) -> None:
     import hfnemo.kernels.triton_backend as tb
     default = dict(tb.CONFIG)
     tuned = dict(tb.CAST_TUNED)  # the per-pair table is the "default"; the sweep runs without it
-    cast_cfgs = [dict(cast_block=bl, cast_warps=w) for bl, w in
-                 ((4096, 8), (8192, 8), (8192, 4), (2048, 4), (4096, 4), (2048, 8))]
-    copy_cfgs = [dict(tile_bytes=t, copy_warps=w) for t, w in ((8192, 8), (16384, 8), (8192, 4), (4096, 4))]
+    cast_cfgs = [dict(cast_block=bl, cast_warps=w, evict=e) for bl, w, e in
+                 ((4096, 8, True), (4096, 8, False), (8192, 8, True), (16384, 8, True), (2048, 4, True),
+                  (4096, 4, True))]
+    copy_cfgs = [dict(tile_bytes=t, copy_warps=w, evict=e) for t, w, e in
+                 ((8192, 8, True), (16384, 8, True), (16384, 8, False), (32768, 8, True), (8192, 4, True))]
+    if not sweep:
+        cast_cfgs, copy_cfgs = cast_cfgs[:1], copy_cfgs[:1]
     for name, rw, fn in cases:
         row = {"bench": name, "bytes_rw": rw}
         for bname, b in backends.items():

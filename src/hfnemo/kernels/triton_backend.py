@@ -1,14 +1,13 @@
 """Triton kernels for CUDA tensors: cast, gather, slice_cols (see :mod:`hfnemo.kernels.api`).
 
-One ``@triton.jit`` kernel per operation. Every kernel moves data in the widest word (1, 2, 4 or 8
+One ``@triton.jit`` kernel per operation. Every kernel moves data in the widest word (1, 2 or 4
 bytes) that the pointers, offsets and lengths of the call allow and tells the compiler how aligned
 the addresses are (``tl.multiple_of``), so 16-byte-aligned calls compile to 16-byte vector loads
 and stores.
 
-Under the interpreter (``TRITON_INTERPRET=1``, the CPU test lane) narrowing to bf16 is done in
-integer bit arithmetic, since the interpreter truncates float->bf16; compiled kernels (``HW``) use
-the hardware round-to-nearest-even conversions, which give the same bits for every non-NaN input
-(checked exhaustively for 16-bit sources and on random float32 bits by the GPU test lane).
+Casts are done in integer bit arithmetic, never with ``.to(float type)``: the Triton interpreter
+(``TRITON_INTERPRET=1``, the CPU test lane) truncates float->bf16 while compiled Triton rounds to
+nearest even, and integer arithmetic is the same in both, so one kernel is bit-exact everywhere.
 Rounding is round-to-nearest-even with subnormals, overflow to infinity and signed zeros as torch.
 
 NaN: torch's own NaN bit patterns differ between devices and even between its scalar and
@@ -43,18 +42,18 @@ from hfnemo.kernels.torch_ref import TorchBackend
 F32, F16, BF16 = 0, 1, 2
 _CODE = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-_WORD = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+_WORD = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
 # NaN rules (cast kernel NAN_MODE)
 NAN_KEEP_QUIET, NAN_KEEP_RAW, NAN_CONST, NAN_CONST_SIGN = 0, 1, 2, 3
 
 # Launch shapes (tuned on an H100 with benchmarks/bench_gpu.py, which sweeps them through ``CONFIG``):
 #   cast_block: elements per program; cast_warps;
 #   tile_bytes / copy_warps: bytes per program (one loop step) in gather and slice_cols.
-#   evict: evict-first hint on the loads of streamed data (every kernel).
-CONFIG = {"cast_block": 4096, "cast_warps": 8, "tile_bytes": 16384, "copy_warps": 8, "evict": True}
+CONFIG = {"cast_block": 4096, "cast_warps": 8, "tile_bytes": 8192, "copy_warps": 8}
 # per (source, destination) dtype code: (elements per program, warps), best of the H100 sweep
 # (benchmarks/RESULTS.md, GPU); pairs not listed use CONFIG. bench_gpu.py clears it to sweep CONFIG.
-CAST_TUNED: dict = {}
+CAST_TUNED = {(F32, BF16): (4096, 8), (F16, BF16): (4096, 8), (BF16, F32): (2048, 4), (BF16, F16): (2048, 4),
+              (F32, F16): (2048, 4)}
 COPY_CHUNK = 8192  # (kept for callers of earlier versions) bytes per program iteration
 GATHER_SPLIT = 1 << 20  # pieces are cut into runs of at most this many bytes (one program row each)
 
@@ -63,40 +62,29 @@ GATHER_SPLIT = 1 << 20  # pieces are cut into runs of at most this many bytes (o
 
 @triton.jit
 def _cast_kernel(src_ptr, dst_ptr, n, SRC: tl.constexpr, DST: tl.constexpr, NAN_MODE: tl.constexpr,
-                 NAN_BITS: tl.constexpr, BLOCK: tl.constexpr, HW: tl.constexpr, FIX_NAN: tl.constexpr,
-                 EVICT: tl.constexpr):
+                 NAN_BITS: tl.constexpr, BLOCK: tl.constexpr):
     """dst[i] = cast(src[i]); src/dst are int32/int16 views of the float buffers. One block a
-    program (a persistent grid looping over blocks measured 2-15 % slower on the H100).
-
-    HW (compiled only): narrow with the hardware round-to-nearest-even conversions (cvt.rn.bf16.f32,
-    cvt.rn.f16.f32; the interpreter truncates to bf16, so it takes the integer path). FIX_NAN: apply
-    the calibrated NaN rule (off where the plain conversion already gives it: bf16 -> f32 shifts).
-    EVICT: evict-first hint on the streamed loads."""
+    program (a persistent grid looping over blocks measured 2-15 % slower on the H100)."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    if EVICT:
-        raw = tl.load(src_ptr + offs, mask=mask, other=0, eviction_policy="evict_first")
-    else:
-        raw = tl.load(src_ptr + offs, mask=mask, other=0)
+    raw = tl.load(src_ptr + offs, mask=mask, other=0)
     # ---- widen the source to float32 bits (exact); NaNs are rebuilt below from the raw bits
     if SRC == 0:
         x = raw.to(tl.uint32, bitcast=True)
         xn = x
-        is_nan = (x & 0x7FFFFFFF) > 0x7F800000
     elif SRC == 2:
-        h = raw.to(tl.uint16, bitcast=True).to(tl.uint32)
-        x = h << 16
+        x = raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
         xn = x
-        is_nan = (h & 0x7FFF) > 0x7F80
     else:
         # f16 -> f32 is exact (subnormals included): the hardware conversion; the NaN payload
         # is taken from the raw bits, since the hardware may set the quiet bit
         h = raw.to(tl.uint16, bitcast=True).to(tl.uint32)
         x = raw.to(tl.float16, bitcast=True).to(tl.float32).to(tl.uint32, bitcast=True)
         xn = ((h & 0x8000) << 16) | 0x7F800000 | ((h & 0x3FF) << 13)
-        is_nan = (h & 0x7FFF) > 0x7C00
     sign = xn & 0x80000000
+    ax = x & 0x7FFFFFFF
+    is_nan = ax > 0x7F800000
     # ---- narrow float32 bits to the destination, round to nearest even
     if DST == 0:
         out = x
@@ -105,10 +93,7 @@ def _cast_kernel(src_ptr, dst_ptr, n, SRC: tl.constexpr, DST: tl.constexpr, NAN_
         quiet = 0x00400000
         sign_out = sign
     elif DST == 2:
-        if HW:
-            out = x.to(tl.float32, bitcast=True).to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
-        else:
-            out = (x + 0x7FFF + ((x >> 16) & 1)) >> 16
+        out = (x + 0x7FFF + ((x >> 16) & 1)) >> 16
         payload = (xn >> 16) & 0x7F
         exp_bits = 0x7F80
         quiet = 0x0040
@@ -121,16 +106,15 @@ def _cast_kernel(src_ptr, dst_ptr, n, SRC: tl.constexpr, DST: tl.constexpr, NAN_
         payload = (xn >> 13) & 0x3FF
         exp_bits = 0x7C00
         quiet = 0x0200
-    if FIX_NAN:
-        if NAN_MODE == 0:
-            nan_out = sign_out | exp_bits | quiet | payload
-        elif NAN_MODE == 1:
-            nan_out = sign_out | exp_bits | payload
-        elif NAN_MODE == 2:
-            nan_out = (out & 0) | NAN_BITS  # (no tl.zeros_like: a jit helper the interpreter may not patch)
-        else:
-            nan_out = sign_out | NAN_BITS
-        out = tl.where(is_nan, nan_out, out)
+    if NAN_MODE == 0:
+        nan_out = sign_out | exp_bits | quiet | payload
+    elif NAN_MODE == 1:
+        nan_out = sign_out | exp_bits | payload
+    elif NAN_MODE == 2:
+        nan_out = (out & 0) | NAN_BITS  # (no tl.zeros_like: a jit helper the interpreter may not patch)
+    else:
+        nan_out = sign_out | NAN_BITS
+    out = tl.where(is_nan, nan_out, out)
     if DST == 0:
         tl.store(dst_ptr + offs, out.to(tl.int32, bitcast=True), mask=mask)
     else:
@@ -138,7 +122,7 @@ def _cast_kernel(src_ptr, dst_ptr, n, SRC: tl.constexpr, DST: tl.constexpr, NAN_
 
 
 @triton.jit
-def _gather_kernel(dst_ptr, table_ptr, iters, ALIGN: tl.constexpr, CHUNK: tl.constexpr, EVICT: tl.constexpr):
+def _gather_kernel(dst_ptr, table_ptr, iters, ALIGN: tl.constexpr, CHUNK: tl.constexpr):
     """Row p of the int64 table is (dst_off, src_off, nwords), all in words of dst's element type
     and all multiples of ALIGN; src_off is relative to dst_ptr (the source's address minus dst's,
     so the compiler sees the source as aligned as dst and vectorises). Program (p, c) copies words
@@ -156,16 +140,12 @@ def _gather_kernel(dst_ptr, table_ptr, iters, ALIGN: tl.constexpr, CHUNK: tl.con
         offs = (c + i * g) * CHUNK + tl.arange(0, CHUNK)
         offs = tl.max_contiguous(tl.multiple_of(offs, CHUNK), CHUNK)
         m = offs < n
-        if EVICT:
-            v = tl.load(src + offs, mask=m, eviction_policy="evict_first")
-        else:
-            v = tl.load(src + offs, mask=m)
-        tl.store(dst + offs, v, mask=m)
+        tl.store(dst + offs, tl.load(src + offs, mask=m), mask=m)
 
 
 @triton.jit
 def _slice_cols_kernel(dst_ptr, src_ptr, rows, src_row, col_off, cols, ALIGN: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr, EVICT: tl.constexpr):
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
     """dst[r, c] = src[r * src_row + col_off + c], a 2-D grid of (row blocks, column blocks); all
     sizes in words of the pointers' element type. WIDE: 64-bit offsets (else 32-bit, less index
     arithmetic; the host picks WIDE when an offset can pass 2**31)."""
@@ -183,11 +163,7 @@ def _slice_cols_kernel(dst_ptr, src_ptr, rows, src_row, col_off, cols, ALIGN: tl
     m = (r[:, None] < rows) & (c[None, :] < cols)
     s_off = r[:, None] * src_row + col_off + c[None, :]
     d_off = r[:, None] * cols + c[None, :]
-    if EVICT:
-        v = tl.load(src_ptr + s_off, mask=m, eviction_policy="evict_first")
-    else:
-        v = tl.load(src_ptr + s_off, mask=m)
-    tl.store(dst_ptr + d_off, v, mask=m)
+    tl.store(dst_ptr + d_off, tl.load(src_ptr + s_off, mask=m), mask=m)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -308,14 +284,10 @@ class TritonBackend:
         mode, const = self.nan_rule(src.device, src.dtype, dst.dtype)
         block, warps = CAST_TUNED.get((_CODE[src.dtype], _CODE[dst.dtype]),
                                       (CONFIG["cast_block"], CONFIG["cast_warps"]))
-        s, d = _CODE[src.dtype], _CODE[dst.dtype]
-        # bf16 -> f32 is a shift: it keeps sign and payload, which is the NAN_KEEP_RAW rule already
-        fix_nan = not (s == BF16 and d == F32 and mode == NAN_KEEP_RAW)
         _cast_kernel[(triton.cdiv(n, block),)](src.view(-1).view(_INT_VIEW[src.dtype]),
                                                dst.view(-1).view(_INT_VIEW[dst.dtype]), n,
-                                               SRC=s, DST=d, NAN_MODE=mode, NAN_BITS=const, BLOCK=block,
-                                               HW=src.is_cuda and not _interpreting(), FIX_NAN=fix_nan,
-                                               EVICT=bool(CONFIG["evict"]), num_warps=warps)
+                                               SRC=_CODE[src.dtype], DST=_CODE[dst.dtype], NAN_MODE=mode,
+                                               NAN_BITS=const, BLOCK=block, num_warps=warps)
 
     def gather(self, dst: torch.Tensor, pieces: Sequence[Piece]) -> None:
         prep = self.gather_prepare(dst, pieces)
@@ -357,9 +329,7 @@ class TritonBackend:
         sabs = sptr + so_a
         acc = np.bitwise_or.reduce(np.concatenate([dabs, sabs, n_a]) | 16) | base | 16
         vec = int(acc & -acc)  # lowest set bit: the alignment every address and length shares (<= 16)
-        word = min(vec, 8)
-        while word > 1 and not _word_views_ok(word, dst):
-            word //= 2
+        word = min(vec, 4) if _word_views_ok(min(vec, 4), dst) else 1
         align = vec // word
         split = GATHER_SPLIT // word
         dw, sw, nw = d_a // word, (sabs - base) // word, n_a // word
@@ -385,7 +355,7 @@ class TritonBackend:
         """Device side of a gather prepared by :meth:`gather_prepare` (one kernel launch)."""
         dst, word, table_t, grid, iters, align, chunk = prep
         _gather_kernel[grid](_words(dst, dst.numel() // word * word, word), table_t, iters, ALIGN=align,
-                             CHUNK=chunk, EVICT=bool(CONFIG["evict"]), num_warps=CONFIG["copy_warps"])
+                             CHUNK=chunk, num_warps=CONFIG["copy_warps"])
 
     def slice_cols(self, dst: torch.Tensor, src: torch.Tensor, rows: int, src_row_bytes: int, col_offset: int,
                    col_bytes: int) -> None:
@@ -398,9 +368,7 @@ class TritonBackend:
                 or rows * col_bytes > dst.numel():
             raise ValueError("slice_cols: out of bounds")
         vec = _pow2_align(dst.data_ptr(), src.data_ptr(), src_row_bytes, col_offset, col_bytes)
-        word = min(vec, 8)
-        while word > 1 and not _word_views_ok(word, dst, src):
-            word //= 2
+        word = min(vec, 4) if _word_views_ok(min(vec, 4), dst, src) else 1
         align = vec // word
         cols = col_bytes // word
         tile = max(1, CONFIG["tile_bytes"] // word)
@@ -410,8 +378,7 @@ class TritonBackend:
         wide = (grid[0] * block_r + 1) * (src_row_bytes // word) + grid[1] * block_c >= (1 << 31) - 1
         _slice_cols_kernel[grid](_words(dst, rows * col_bytes, word), _words(src, rows * src_row_bytes, word),
                                  rows, src_row_bytes // word, col_offset // word, cols, ALIGN=align,
-                                 BLOCK_R=block_r, BLOCK_C=block_c, WIDE=wide, EVICT=bool(CONFIG["evict"]),
-                                 num_warps=CONFIG["copy_warps"])
+                                 BLOCK_R=block_r, BLOCK_C=block_c, WIDE=wide, num_warps=CONFIG["copy_warps"])
 
     # -- NaN rule -----------------------------------------------------------------------------
 
