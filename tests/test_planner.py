@@ -147,3 +147,19 @@ def test_unsupported_architecture_lists_supported() -> None:
     with pytest.raises(UnsupportedArchitecture) as e:
         get_spec("GPT2LMHeadModel")
     assert "LlamaForCausalLM" in str(e.value) and "MistralForCausalLM" in str(e.value)
+
+
+def test_budget_counts_device_buffers_and_pinned_rounding() -> None:
+    """--device cuda: device staging buffers count against the budget too, and pinned host blocks
+    are powers of two (torch's pinned allocator rounds up to one)."""
+    spec = get_spec("LlamaForCausalLM")
+    big = Dims(**{**DIMS.__dict__, "vocab": 100_000, "hidden": 1024, "heads": 8, "groups": 2, "head_dim": 128,
+                  "ffn": 2048, "num_layers": 1})
+    src = hf_metas(big, dtype="fp32")
+    items, _, _ = layout_nemo(spec, big, map_tensors(spec, big, src, "hf_to_nemo", "x"), "bf16")
+    host = budget_plan(items, src, Budget(max_memory=700 << 20, baseline=300 << 20))
+    dev = budget_plan(items, src, Budget(max_memory=700 << 20, baseline=300 << 20, device=True))
+    assert host["device_buffers_per_slot"] == 0 and dev["device_buffers_per_slot"] == dev["buffers_per_slot"] == 2
+    assert dev["block_bytes"] & (dev["block_bytes"] - 1) == 0
+    assert dev["peak_estimate"] <= 700 << 20 and host["peak_estimate"] <= 700 << 20
+    assert dev["buffer_bytes"] == dev["depth"] * 4 * dev["block_bytes"]

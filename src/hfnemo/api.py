@@ -7,6 +7,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -453,6 +454,12 @@ def _run(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn | Non
     dst = Path(dst).expanduser()
     plan = job.plan
     kernels = _kernels(device, threads, plan)
+    if getattr(kernels, "device", None) is not None:
+        # The GPU path: re-plan the buffers with the device's counted too, from the resident size
+        # measured now that the CUDA context exists (it costs host memory of its own).
+        plan = job.plan = dataclasses.replace(plan, budget=budget_plan(
+            list(plan.items), {s.name: s for s in plan.sources},
+            Budget(max_memory=int(plan.budget["max_memory"]), baseline=current_rss(), device=True)))
     try:
         _check_output(job.src, dst, overwrite)
         dst.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,9 @@ class Budget:
     depth: int = 4  # row blocks in flight (read ahead of the writer)
     max_block: int = 64 << 20
     reserve: int = 48 << 20  # headroom for Python objects, page tables, allocator slack
+    # --device cuda: each slot also holds device buffers, counted like host ones, and pinned host
+    # blocks are powers of two (torch's pinned allocator rounds requests up to one).
+    device: bool = False
 
 
 def _expand(rule: Rule, dims: Dims) -> list[dict[str, object]]:
@@ -273,21 +276,25 @@ def budget_plan(items: list[OutputItem], sources: Mapping[str, SourceTensor], bu
     widest = max([1] + [widest_row(it, sources) for it in items])
     # output buffer, + staging (source dtype or whole source rows), + a second one to slice then cast
     per_slot = 1 + (casting or slicing) + (casting and slicing)
+    device_per_slot = per_slot if budget.device and per_slot > 1 else 0  # d_stage, d_out (+ d_stage2)
+    buffers = per_slot + device_per_slot
     usable = budget.max_memory - budget.baseline - budget.reserve
-    block = min(budget.max_block, usable // (budget.depth * per_slot)) if usable > 0 else 0
+    block = min(budget.max_block, usable // (budget.depth * buffers)) if usable > 0 else 0
     block -= block % 4096
     largest = max((it.rows * widest for it in items), default=0)
     block = min(block, max(4096, -(-largest // 4096) * 4096))  # small models need no 64 MiB buffers
+    if budget.device and block >= 4096:
+        block = 1 << (block.bit_length() - 1)
     if block < widest:
-        need = budget.baseline + budget.reserve + budget.depth * per_slot * max(widest, 4096)
+        need = budget.baseline + budget.reserve + budget.depth * buffers * max(widest, 4096)
         raise BudgetExceeded(
             f"--max-memory {budget.max_memory} bytes is too small: the process already holds "
-            f"{budget.baseline} bytes and one row needs {widest} bytes x {budget.depth * per_slot} buffers",
+            f"{budget.baseline} bytes and one row needs {widest} bytes x {budget.depth * buffers} buffers",
             fix=f"raise --max-memory to at least {need >> 20} MiB")
     return {"max_memory": budget.max_memory, "baseline": budget.baseline, "reserve": budget.reserve,
-            "depth": budget.depth, "buffers_per_slot": per_slot, "block_bytes": block,
-            "buffer_bytes": budget.depth * per_slot * block,
-            "peak_estimate": budget.baseline + budget.reserve + budget.depth * per_slot * block}
+            "depth": budget.depth, "buffers_per_slot": per_slot, "device_buffers_per_slot": device_per_slot,
+            "block_bytes": block, "buffer_bytes": budget.depth * buffers * block,
+            "peak_estimate": budget.baseline + budget.reserve + budget.depth * buffers * block}
 
 
 # ------------------------------------------------------------------ per-rank legacy layouts (spec §6)
