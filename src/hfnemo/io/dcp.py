@@ -116,10 +116,28 @@ def read_index(weights_dir: str | Path) -> DcpIndex:
     if not isinstance(md, dcp_md.Metadata):
         raise CorruptCheckpoint(".metadata does not hold a DCP Metadata object", file=mpath,
                                 fix="the checkpoint is corrupt: re-create it")
+    try:
+        return _index_from(md, root, mpath)
+    except CorruptCheckpoint:
+        raise
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        # a pickle of the right classes can still hold values of any type
+        raise CorruptCheckpoint(f".metadata holds malformed values ({type(e).__name__}: {str(e)[:200]})",
+                                file=mpath, fix="the checkpoint is corrupt: re-create or re-copy it") from e
+
+
+def _is_index(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _index_from(md: dcp_md.Metadata, root: Path, mpath: Path) -> DcpIndex:
     storage = md.storage_data or {}
     sizes: dict[str, int] = {}
     index = DcpIndex(root)
     for fqn, meta in md.state_dict_metadata.items():
+        if not isinstance(fqn, str):
+            raise CorruptCheckpoint(f"state dict key {fqn!r} is not a string", file=mpath,
+                                    fix="the checkpoint is corrupt: re-create it")
         if isinstance(meta, dcp_md.BytesStorageMetadata):
             index.byte_keys.append(fqn)
             continue
@@ -127,18 +145,36 @@ def read_index(weights_dir: str | Path) -> DcpIndex:
         if dtype is None:
             raise CorruptCheckpoint(f"unsupported dtype {meta.properties.dtype}", file=mpath, tensor=fqn,
                                     fix="hfnemo converts floating-point and integer tensors only")
+        shape = tuple(meta.size)
+        if not all(_is_index(d) for d in shape):
+            raise CorruptCheckpoint(f"tensor size {shape!r} is not a list of non-negative integers", file=mpath,
+                                    tensor=fqn, fix="the checkpoint is corrupt: re-create it")
         chunks = []
         for i, c in enumerate(meta.chunks):
+            c_off, c_size = tuple(c.offsets), tuple(c.sizes)
+            if (len(c_off) != len(shape) or len(c_size) != len(shape)
+                    or not all(_is_index(o) and _is_index(n) and o + n <= d
+                               for o, n, d in zip(c_off, c_size, shape))):
+                raise CorruptCheckpoint(f"chunk at offsets {c_off!r} of sizes {c_size!r} does not fit the "
+                                        f"tensor's size {shape}", file=mpath, tensor=fqn,
+                                        fix="the checkpoint is corrupt: re-create it")
             info = storage.get(dcp_md.MetadataIndex(fqn, c.offsets, i))
             if info is None:
                 raise CorruptCheckpoint(f"chunk at offsets {tuple(c.offsets)} has no storage entry", file=mpath,
                                         tensor=fqn, fix="the checkpoint is incomplete: re-create it")
+            if (not isinstance(info, _StorageInfo) or not isinstance(info.relative_path, str)
+                    or not _is_index(info.offset) or not _is_index(info.length)):
+                raise CorruptCheckpoint(f"storage entry {info!r} is malformed", file=mpath, tensor=fqn,
+                                        fix="the checkpoint is corrupt: re-create it")
             fpath = root / info.relative_path
-            if Path(info.relative_path).is_absolute() or ".." in Path(info.relative_path).parts:
+            if (Path(info.relative_path).is_absolute() or ".." in Path(info.relative_path).parts
+                    or not Path(info.relative_path).parts):
                 raise CorruptCheckpoint(f"chunk points outside the checkpoint ({info.relative_path!r})",
                                         file=mpath, tensor=fqn, fix="the checkpoint is hostile: do not use it")
             if info.relative_path not in sizes:
                 try:
+                    if not fpath.is_file():
+                        raise FileNotFoundError(2, "not a regular file")
                     sizes[info.relative_path] = os.path.getsize(fpath)
                 except OSError as e:
                     raise CorruptCheckpoint("chunk file is missing", file=fpath, tensor=fqn,
@@ -148,8 +184,8 @@ def read_index(weights_dir: str | Path) -> DcpIndex:
                     f"chunk bytes {info.offset}..{info.offset + info.length} lie outside the "
                     f"{sizes[info.relative_path]}-byte file", file=fpath, tensor=fqn,
                     fix="the file is truncated: re-copy the checkpoint")
-            chunks.append(Chunk(tuple(c.offsets), tuple(c.sizes), info.relative_path, info.offset, info.length))
-        index.tensors[fqn] = GlobalTensor(fqn, dtype, tuple(meta.size), tuple(chunks))
+            chunks.append(Chunk(c_off, c_size, info.relative_path, info.offset, info.length))
+        index.tensors[fqn] = GlobalTensor(fqn, dtype, shape, tuple(chunks))
     return index
 
 

@@ -62,8 +62,12 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
             data = json.load(f)
     except FileNotFoundError as e:
         raise ConfigError(f"{what} is missing", file=path, fix=f"copy {path.name} into the model directory") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{what} is not valid JSON: {e}", file=path, fix=f"repair or re-download {path.name}") from e
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # ValueError: bad JSON, huge integers
+        raise ConfigError(f"{what} is not valid JSON: {str(e)[:200]}", file=path,
+                          fix=f"repair or re-download {path.name}") from e
+    except OSError as e:  # a symlink loop, a directory, no permission
+        raise ConfigError(f"cannot read {what}: {e.strerror}", file=path,
+                          fix=f"replace {path.name} with a readable regular file") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{what} is not a JSON object", file=path, fix=f"repair or re-download {path.name}")
     return data
@@ -82,6 +86,10 @@ def scan_weights(model_dir: Path) -> dict[str, StTensor]:
         wm = index.get("weight_map")
         if not isinstance(wm, dict) or not wm:
             raise CorruptCheckpoint("index has no weight_map", file=index_path, fix="re-download the index file")
+        bad = next((k for k, v in wm.items() if not (isinstance(v, str) and v)), None)
+        if bad is not None:
+            raise CorruptCheckpoint(f"index weight_map names file {wm[bad]!r}, which is not a string",
+                                    file=index_path, tensor=bad, fix="re-download the index file")
         files = sorted(set(wm.values()))
     elif (model_dir / SINGLE).exists():
         wm, files = None, [SINGLE]
@@ -98,6 +106,9 @@ def scan_weights(model_dir: Path) -> dict[str, StTensor]:
         if Path(fname).is_absolute() or ".." in Path(fname).parts:
             raise CorruptCheckpoint(f"index names a file outside the model directory: {fname!r}", file=index_path,
                                     fix="repair the index")
+        if fpath.is_symlink() and not fpath.exists():
+            raise CorruptCheckpoint("shard is a symbolic link that loops or points nowhere", file=fpath,
+                                    fix="replace the link with the shard file itself")
         if not fpath.exists():
             raise CorruptCheckpoint("shard named in the index is missing", file=fpath,
                                     fix="download every shard listed in model.safetensors.index.json")
@@ -107,7 +118,7 @@ def scan_weights(model_dir: Path) -> dict[str, StTensor]:
                 dup.append(f"{name} ({tensors[name].file} and {fpath})")
             tensors[name] = t
     if dup:
-        raise UnmappedTensors(f"tensors stored twice: {'; '.join(dup)}", file=model_dir,
+        raise UnmappedTensors(f"tensors stored twice: {'; '.join(dup)}", file=model_dir, tensor=dup[0].split(" ")[0],
                               fix="remove the stale shard or repair the index")
     if wm is not None:
         problems = []

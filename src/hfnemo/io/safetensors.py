@@ -60,8 +60,8 @@ def read_header(path: str | Path) -> tuple[dict[str, StTensor], dict[str, str]]:
                                 fix="check that the file exists and is readable") from e
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpoint(f"header is not valid JSON: {e}", file=path,
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: bad JSON, huge integers
+        raise CorruptCheckpoint(f"header is not valid JSON: {str(e)[:200]}", file=path,
                                 fix="the file is corrupt: re-download it") from e
     if not isinstance(header, dict):
         raise CorruptCheckpoint("header is not a JSON object", file=path, fix="re-download the file")
@@ -98,7 +98,7 @@ def _parse_entry(path: str, name: str, info: object, data_start: int, data_len: 
     if not isinstance(info, dict):
         raise bad("header entry is not an object")
     code = info.get("dtype")
-    if code not in BY_SAFETENSORS:
+    if not isinstance(code, str) or code not in BY_SAFETENSORS:
         raise CorruptCheckpoint(f"unknown dtype {code!r}", file=path, tensor=name,
                                 fix=f"hfnemo reads {', '.join(BY_SAFETENSORS)}")
     dtype = BY_SAFETENSORS[code]

@@ -317,6 +317,13 @@ class _Archive:
 
     def __init__(self, fd: int, offset: int, length: int, path: str, what: str, max_entries: int) -> None:
         self.fd, self.offset, self.length, self.path, self.what = fd, offset, length, path, what
+        try:
+            self._parse(max_entries)
+        except struct.error as e:  # a field cut short by a corrupt length
+            raise self.bad(f"zip structure is truncated or corrupt ({e})") from e
+
+    def _parse(self, max_entries: int) -> None:
+        fd, offset, length, path = self.fd, self.offset, self.length, self.path
         if length < 22:
             raise self.bad(f"chunk of {length} bytes is too small to be a torch archive")
         tail_len = min(length, 22 + 20 + 56 + 65535)
@@ -330,6 +337,8 @@ class _Archive:
             if loc < 0:
                 raise self.bad("zip64 end record missing")
             (eocd64_off,) = struct.unpack("<Q", tail[loc + 8:loc + 16])
+            if eocd64_off + 56 > length:
+                raise self.bad("zip64 end record lies outside the chunk")
             rec = _read_exact(fd, offset + eocd64_off, 56, path)
             if rec[:4] != b"PK\x06\x06":
                 raise self.bad("zip64 end record is corrupt")
@@ -373,6 +382,8 @@ class _Archive:
         if rec not in self.entries:
             raise self.bad(f"archive has no record {rec!r}")
         loff, usize = self.entries[rec]
+        if loff + 30 > self.length:
+            raise self.bad(f"local header of {rec!r} lies outside the chunk")
         lh = _read_exact(self.fd, self.offset + loff, 30, self.path)
         if lh[:4] != b"PK\x03\x04":
             raise self.bad(f"local header of {rec!r} is corrupt")
@@ -388,19 +399,30 @@ class _Archive:
             raise self.bad(f"data.pkl of {pkl_len} bytes is implausibly large")
         try:
             return unpickler(_read_exact(self.fd, pkl_at, pkl_len, self.path), self.path).load()
-        except CorruptCheckpoint:
+        except CorruptCheckpoint as e:
+            if e.tensor is None:  # the unpickler knows the file, not which tensor the chunk holds
+                e.tensor = self.what
             raise
         except Exception as e:  # malformed pickle streams raise a zoo of exception types
             raise self.bad(f"data.pkl does not unpickle: {e}") from e
+
+
+def _is_index(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def locate_tensor(fd: int, offset: int, length: int, *, path: str = "?", what: str = "?") -> StoredTensor:
     """Find the tensor bytes of the archive stored at ``[offset, offset+length)`` of ``fd``."""
     arc = _Archive(fd, offset, length, path, what, 64)
     obj = arc.unpickle(_RestrictedUnpickler, 1 << 20)
-    if not (isinstance(obj, tuple) and obj and obj[0] == "tensor"):
+    if not (isinstance(obj, tuple) and len(obj) == 5 and obj[0] == "tensor"):
         raise arc.bad("chunk does not hold a single tensor")
     _, storage, soff, size, stride = obj
+    if not (isinstance(storage, tuple) and len(storage) == 4 and storage[0] == "storage"
+            and isinstance(storage[1], DType) and isinstance(storage[2], str)
+            and isinstance(size, tuple) and isinstance(stride, tuple) and _is_index(soff)
+            and all(_is_index(d) for d in size) and all(_is_index(d) for d in stride)):
+        raise arc.bad("chunk's tensor record is malformed (storage, offset, size or stride)")
     _, dtype, key, _numel_s = storage
     if stride != _contiguous_strides(size) and _numel(size) > 1:
         raise arc.bad(f"chunk tensor is not contiguous (stride {stride})")
