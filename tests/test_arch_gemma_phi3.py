@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pytest
 import torch
 import yaml
-from test_reference import chunk_table, load_dcp
+from test_reference import assert_dcp_equals, chunk_table, load_dcp
 from tiny_gemma_phi3 import make_tiny
 from tiny_models import fixed_input_ids, hf_logits, load_hf_state
 from torch.distributed.checkpoint import FileSystemReader
@@ -128,10 +128,7 @@ def test_dcp_equals_plain_torch_mapping(tiny, tmp_path: Path, shape: str) -> Non
     src = tiny(shape, torch.float32)
     hfnemo.convert(src, tmp_path / "nemo")
     cfg = json.loads((src / "config.json").read_text())
-    want, got = reference_mapping(load_hf_state(src), cfg), load_dcp(tmp_path / "nemo" / "weights")
-    assert want.keys() == got.keys()
-    for k in want:
-        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    assert_dcp_equals(tmp_path / "nemo" / "weights", reference_mapping(load_hf_state(src), cfg))
     md = FileSystemReader(str(tmp_path / "nemo" / "weights")).read_metadata().state_dict_metadata
     L = cfg["num_hidden_layers"]
     assert len(md["module.decoder.layers.self_attention.linear_qkv.weight"].chunks) == L

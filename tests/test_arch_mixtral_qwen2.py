@@ -9,7 +9,7 @@ from typing import Callable
 import pytest
 import torch
 import yaml
-from test_reference import chunk_table, load_dcp
+from test_reference import assert_dcp_equals, chunk_table, load_dcp
 from tiny_models import TOKENIZER_VOCAB, fixed_input_ids, hf_logits, load_hf_state
 from tiny_moe_qwen import SHAPES, make_tiny
 from torch.distributed.checkpoint import FileSystemReader
@@ -130,10 +130,7 @@ def test_dcp_equals_plain_torch_mapping(tiny, tmp_path: Path, shape: str) -> Non
     hfnemo.convert(src, tmp_path / "nemo")
     cfg = json.loads((src / "config.json").read_text())
     want = plain_mapping(load_hf_state(src), cfg)
-    got = load_dcp(tmp_path / "nemo" / "weights")
-    assert want.keys() == got.keys()
-    for k in want:
-        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    assert_dcp_equals(tmp_path / "nemo" / "weights", want)
     # Chunk layout as Megatron writes it: one per layer, fc1 halves apart, experts one by one.
     md = FileSystemReader(str(tmp_path / "nemo" / "weights")).read_metadata().state_dict_metadata
     L, lay = cfg["num_hidden_layers"], M + "decoder.layers."

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import pytest
 import torch
 import yaml
-from test_reference import load_dcp
+from test_reference import assert_dcp_equals, load_dcp
 from tiny_models import fixed_input_ids, hf_logits, load_hf_state
 from tiny_parallel import SHAPES, make_tiny_parallel
 from torch.distributed.checkpoint import FileSystemReader
@@ -182,10 +182,7 @@ def test_dcp_equals_plain_torch_mapping(tiny, tmp_path: Path, shape: str) -> Non
     src = tiny(shape, torch.float32, "5")
     hfnemo.convert(src, tmp_path / "nemo")
     cfg = transformers.AutoConfig.from_pretrained(src)
-    want, got = reference_nemo(load_hf_state(src), cfg), load_dcp(tmp_path / "nemo" / "weights")
-    assert want.keys() == got.keys()
-    for k in want:
-        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    assert_dcp_equals(tmp_path / "nemo" / "weights", reference_nemo(load_hf_state(src), cfg))
     md = FileSystemReader(str(tmp_path / "nemo" / "weights")).read_metadata().state_dict_metadata
     L = cfg.num_hidden_layers
     for k in want:  # stacked keys: one [1, ...] chunk per layer at offset (l, 0, ...)

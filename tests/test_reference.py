@@ -34,6 +34,15 @@ def load_dcp(weights: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def assert_dcp_equals(weights: Path, want: dict[str, torch.Tensor]) -> None:
+    """The DCP tensors under ``weights`` (read by torch's own reader) are exactly ``want``: same
+    keys, dtypes and values."""
+    got = load_dcp(weights)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
 def chunk_table(weights: Path) -> dict[str, tuple]:
     """{fqn: (dtype, global shape, sorted chunks, per-chunk bytes)} read with hfnemo's safe reader
     (NVIDIA's .metadata pickles Megatron classes that torch alone cannot unpickle)."""
@@ -136,10 +145,7 @@ def test_dcp_equals_plain_torch_mapping(tiny_hf_factory, tmp_path: Path, shape: 
     hfnemo.convert(src, tmp_path / "nemo")
     cfg = json.loads((src / "config.json").read_text())
     want = reference_mapping(load_hf_state(src), cfg)
-    got = load_dcp(tmp_path / "nemo" / "weights")
-    assert want.keys() == got.keys()
-    for k in want:
-        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    assert_dcp_equals(tmp_path / "nemo" / "weights", want)
     # One chunk per layer (two for fc1: gate rows, up rows), as Megatron writes them.
     md = FileSystemReader(str(tmp_path / "nemo" / "weights")).read_metadata().state_dict_metadata
     L = cfg["num_hidden_layers"]
