@@ -182,7 +182,8 @@ def test_dcp_equals_plain_torch_mapping(tiny, tmp_path: Path, shape: str) -> Non
     src = tiny(shape, torch.float32, "5")
     hfnemo.convert(src, tmp_path / "nemo")
     cfg = transformers.AutoConfig.from_pretrained(src)
-    assert_dcp_equals(tmp_path / "nemo" / "weights", reference_nemo(load_hf_state(src), cfg))
+    want = reference_nemo(load_hf_state(src), cfg)
+    assert_dcp_equals(tmp_path / "nemo" / "weights", want)
     md = FileSystemReader(str(tmp_path / "nemo" / "weights")).read_metadata().state_dict_metadata
     L = cfg.num_hidden_layers
     for k in want:  # stacked keys: one [1, ...] chunk per layer at offset (l, 0, ...)
