@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-y", "--yes", action="store_true", help="accepted for compatibility (never prompts)")
     p.add_argument("kv", nargs="*", metavar="KEY=VALUE")
     _common(p)
+    from hfnemo import tools
+
+    tools.register(sub)
     return ap
 
 
@@ -219,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = [a for a in argv if a not in ("-y", "--yes")]
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "tool", None) is not None:
+            return args.tool(args)
         if args.cmd == "import":
             return _run_convert(args, args.src, args.dst, "nemo")
         if args.cmd == "export":
