@@ -252,6 +252,30 @@ def test_cast_large_default_chunks(pair, threads):
     check_cast(dst_dtype, src, f"large t={threads}")
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("pair", PAIRS, ids=_pair_id)
+def test_cast_large_streamed(pair, threads):
+    """Outputs >= 8 MiB (the tiled, non-temporal store path): destination 2 bytes past a line,
+    a length that leaves a head, whole tiles and a tail shorter than a line; bytes around the
+    destination untouched."""
+    src_dtype, dst_dtype = pair
+    _C.set_threads(threads)
+    g = torch.Generator().manual_seed(7 + threads)
+    ds = dst_dtype.itemsize
+    n = (8 << 20) // ds + 16384 // ds * 3 + 29
+    src = random_values(src_dtype, n + 3, g)[3:]
+    exp = expected_cast(dst_dtype, src)
+    lead = 2 // ds if ds <= 2 else 1  # 2 or 4 bytes past a 64-byte line
+    dbuf = torch.empty(n + 64, dtype=dst_dtype)
+    bits(dbuf).fill_(0x33)
+    skip = (-dbuf.data_ptr() % 64) // ds + lead
+    out = dbuf[skip:skip + n]
+    CPP.cast(out, src)
+    assert_bits_equal(bits(out), exp, f"streamed t={threads} {_id(src_dtype)}->{_id(dst_dtype)}")
+    rest = torch.cat([bits(dbuf)[:skip], bits(dbuf)[skip + n:]])
+    assert bool((rest == 0x33).all())
+
+
 # ---------------------------------------------------------------- gather
 
 def random_gather(rng: random.Random, g: torch.Generator):
