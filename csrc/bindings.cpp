@@ -32,6 +32,9 @@ PYBIND11_MODULE(_C, m) {
     m.def("_set_min_chunk_bytes", &hfnemo::set_min_chunk_bytes, arg("n"),
           "Testing knob: smallest per-thread range in bytes moved (default 1 MiB).");
     m.def("_min_chunk_bytes", &hfnemo::min_chunk_bytes);
+    m.def("_set_cast_stream_min_bytes", &hfnemo::set_cast_stream_min_bytes, arg("n"),
+          "Benchmark knob: casts with outputs of at least n bytes use streamed stores (default 8 MiB).");
+    m.def("_cast_stream_min_bytes", &hfnemo::cast_stream_min_bytes);
 
     m.def(
         "cast",

@@ -1,5 +1,6 @@
 #include "cast.h"
 
+#include <atomic>
 #include <cstring>
 #include <stdexcept>
 
@@ -15,7 +16,7 @@ namespace hfnemo {
 
 namespace {
 
-constexpr std::size_t kStreamMinBytes = 8u << 20;  // outputs at least this large are streamed
+std::atomic<std::size_t> g_stream_min{std::size_t(8) << 20};  // outputs at least this large are streamed
 constexpr std::size_t kStreamTile = 16384;         // bytes of output converted per tile
 
 using u16 = std::uint16_t;
@@ -276,7 +277,7 @@ int f16_isa() {
 // Streamed (non-temporal) copy of whole 64-byte lines from an L1-resident tile to a 64-byte
 // aligned destination: large casts write through these so the destination lines are not read
 // first (no read-for-ownership), as memcpy does for large copies.
-HFNEMO_AVX512 void stream_lines_avx512(void* d, const void* s, std::size_t n) {
+__attribute__((target("avx512f"))) void stream_lines_avx512(void* d, const void* s, std::size_t n) {
     char* dst = static_cast<char*>(d);
     const char* src = static_cast<const char*>(s);
     for (std::size_t i = 0; i < n; i += 64)
@@ -344,7 +345,7 @@ void cast(void* dst, DType dst_t, const void* src, DType src_t, std::size_t n) {
     // Large outputs: convert a 16 KiB tile at a time into a thread-local (L1/L2-resident) buffer
     // and stream it out in whole lines (one memory pass per destination byte instead of a read
     // for ownership plus the write). 1-thread bf16 -> fp32 on a Xeon: 0.79 -> see RESULTS.md.
-    if (n * ds >= kStreamMinBytes && f16_isa() > 0) {
+    if (n * ds >= g_stream_min.load() && f16_isa() > 0) {
         const auto stream = f16_isa() == 2 ? stream_lines_avx512 : stream_lines_avx;
         parallel_for(n, static_cast<double>(ss + ds), 64, [=](std::size_t b, std::size_t e) {
             alignas(64) static thread_local unsigned char tile[kStreamTile];
@@ -375,6 +376,9 @@ void cast(void* dst, DType dst_t, const void* src, DType src_t, std::size_t n) {
     parallel_for(n, static_cast<double>(ss + ds), 64,
                  [=](std::size_t b, std::size_t e) { fn(src, dst, b, e); });
 }
+
+void set_cast_stream_min_bytes(std::size_t n) { g_stream_min.store(n); }
+std::size_t cast_stream_min_bytes() { return g_stream_min.load(); }
 
 std::uint16_t f32_to_bf16(std::uint32_t x) { return static_cast<std::uint16_t>(k_f32_to_bf16(x)); }
 std::uint16_t f32_to_f16(std::uint32_t x) { return static_cast<std::uint16_t>(k_f32_to_f16(x)); }

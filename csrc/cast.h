@@ -43,6 +43,11 @@ std::size_t dtype_size(DType t);
 // same buffer with the same dtype is allowed: nothing to do). Multithreaded (parallel.h).
 void cast(void* dst, DType dst_t, const void* src, DType src_t, std::size_t n);
 
+// Casts whose output is at least this many bytes write through a tile with streamed stores
+// (default 8 MiB; a benchmarking knob).
+void set_cast_stream_min_bytes(std::size_t n);
+std::size_t cast_stream_min_bytes();
+
 // Single-element conversions (bit patterns in, bit patterns out), the definitions of the loops.
 std::uint16_t f32_to_bf16(std::uint32_t x);
 std::uint16_t f32_to_f16(std::uint32_t x);

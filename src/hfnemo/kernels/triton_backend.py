@@ -55,7 +55,10 @@ NAN_KEEP_QUIET, NAN_KEEP_RAW, NAN_CONST, NAN_CONST_SIGN = 0, 1, 2, 3
 # Launch shapes (tuned on an H100 with benchmarks/bench_gpu.py, which sweeps them through ``CONFIG``):
 #   cast_block: elements per program; cast_warps;
 #   tile_bytes / copy_warps: bytes per program (one loop step) in gather and slice_cols.
-CONFIG = {"cast_block": 4096, "cast_warps": 8, "tile_bytes": 8192, "copy_warps": 8}
+CONFIG = {"cast_block": 4096, "cast_warps": 8, "tile_bytes": 8192, "copy_warps": 8,
+          # gather: bytes per program and loop step; warps when every piece is 16-byte aligned / not
+          # (H100 pass 5: 16 KiB x 8 warps: QKV 1.06, 64 KiB pieces 0.95 x D2D; 2-byte aligned 4 warps 0.86)
+          "gather_tile_bytes": 16384, "gather_warps": 8, "gather_warps_unaligned": 4}
 # per (source, destination) dtype code: (elements per program, warps), best of the H100 sweep
 # (benchmarks/RESULTS.md, GPU); pairs not listed use CONFIG. bench_gpu.py clears it to sweep CONFIG.
 CAST_TUNED = {(F32, BF16): (4096, 8), (F16, BF16): (4096, 8), (BF16, F32): (2048, 4), (BF16, F16): (2048, 4),
@@ -391,16 +394,17 @@ class TritonBackend:
         table_t = torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64)).view(-1)
         if dst.is_cuda:
             table_t = table_t.to(dst.device)  # pageable: the driver stages it, the host buffer is free after
-        chunk = max(1, CONFIG["tile_bytes"] // word)
+        chunk = max(1, CONFIG["gather_tile_bytes"] // word)
         grid = (table.shape[0], max(1, min(triton.cdiv(longest, chunk), 64)))
         iters = triton.cdiv(triton.cdiv(longest, chunk), grid[1])
-        return (dst, word, table_t, grid, iters, align, chunk)
+        warps = CONFIG["gather_warps"] if vec >= 16 else CONFIG["gather_warps_unaligned"]
+        return (dst, word, table_t, grid, iters, align, chunk, warps)
 
     def gather_launch(self, prep) -> None:
         """Device side of a gather prepared by :meth:`gather_prepare` (one kernel launch)."""
-        dst, word, table_t, grid, iters, align, chunk = prep
+        dst, word, table_t, grid, iters, align, chunk, warps = prep
         _gather_kernel[grid](_words(dst, dst.numel() // word * word, word), table_t, iters, ALIGN=align,
-                             CHUNK=chunk, num_warps=CONFIG["copy_warps"])
+                             CHUNK=chunk, num_warps=warps)
 
     def slice_cols(self, dst: torch.Tensor, src: torch.Tensor, rows: int, src_row_bytes: int, col_offset: int,
                    col_bytes: int) -> None:
