@@ -282,8 +282,9 @@ def cuda_kernels(scale: int):
 def _gather_run(out, pieces):
     def run(be):
         if hasattr(be, "gather_prepare"):  # the Triton backend: the table is built once (host side)
-            prep = run.__dict__.setdefault("prep", be.gather_prepare(out, pieces))
-            be.gather_launch(prep)
+            if "prep" not in run.__dict__:
+                run.prep = be.gather_prepare(out, pieces)
+            be.gather_launch(run.prep)
         else:
             be.gather(out, pieces)
     return run
