@@ -104,14 +104,14 @@ def detect(src: Path) -> str:
         return "hf"
     if is_nemo_dir(src):
         return "nemo"
-    if legacy.is_nemo1_dir(src) or legacy.is_megatron_dir(src):
+    if legacy.is_nemo1_dir(src) or legacy.is_megatron_dir(src) or legacy.is_nemo1_tar(src):
         return "legacy"
     if src.is_dir() and (src / "checkpoints").is_dir():
         raise UsageError(f"{src} is a training run, not a checkpoint", file=src,
                          fix=f"use --latest {src} to pick its newest *-last checkpoint")
     raise UsageError(f"{src} is neither an HF model directory (config.json), a NeMo 2 checkpoint "
-                     "(context/ and weights/), a NeMo 1 directory (model_config.yaml) nor a Megatron-LM "
-                     "checkpoint (latest_checkpointed_iteration.txt)", file=src, fix="check the path")
+                     "(context/ and weights/), a NeMo 1 directory (model_config.yaml) or .nemo file nor a "
+                     "Megatron-LM checkpoint (latest_checkpointed_iteration.txt)", file=src, fix="check the path")
 
 
 # ------------------------------------------------------------------------------ planning
@@ -125,23 +125,40 @@ class _Job:
 
 
 def _plan_import(src: Path, dtype: str, budget: Budget, tp: int = 1, pp: int = 1, ep: int = 1,
-                 fmt: str = "nemo2") -> _Job:
+                 fmt: str = "nemo2", overrides: dict[str, Any] | None = None) -> _Job:
     cfg = hfio.read_config(src)
     arch = (cfg.data.get("architectures") or [None])[0]
     if not arch:
         raise ConfigError("config.json has no 'architectures'", file=cfg.path,
                           fix='add "architectures": ["LlamaForCausalLM"] (or the right class) to config.json')
     spec = get_spec(arch, where=cfg.path)
+    sources, applied, scratch = None, None, None
+    if overrides:  # hfnemo.overrides: checked against the weights before anything else
+        from hfnemo.overrides import apply_overrides
+
+        sources = hf_sources(hfio.scan_weights(src))
+        applied = apply_overrides(spec, cfg, overrides, sources, tp)
+        cfg = applied.hf
     dims = hf_dims(spec, cfg.data, cfg.path)
     check_layout(dims, tp, pp, ep)
-    tensors = hfio.scan_weights(src)
-    sources = hf_sources(tensors)
+    if sources is None:
+        sources = hf_sources(hfio.scan_weights(src))
     logicals = map_tensors(spec, dims, sources, "hf_to_nemo", str(src))
     if fmt != "nemo2":
         items, blobs, files = _layout_legacy(fmt, spec, dims, logicals, dtype, tp, pp, ep)
     else:
         items, blobs, files = layout_nemo(spec, dims, logicals, dtype, tp=tp)
     target, nemo_args = hf_to_nemo_config(spec, cfg.data, cfg.path)
+    side = _hf_side_files(src)
+    if applied is not None:
+        nemo_args.update(applied.nemo)
+        if applied.changed_hf:  # the kept hf_config.json carries the overrides (export gives them back)
+            import tempfile
+
+            scratch = tempfile.TemporaryDirectory(prefix="hfnemo-overrides-")
+            side[legacy.HF_CONFIG] = Path(scratch.name) / "config.json"
+            side[legacy.HF_CONFIG].write_text(json.dumps(hfio.denormalise_config(cfg.data, cfg.dialect), indent=2,
+                                                         sort_keys=True) + "\n")
     # The layout the chunks were cut for (TP=PP=EP=1 stays NVIDIA's importer's config exactly).
     for key, n in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
                    ("expert_model_parallel_size", ep)):
@@ -156,8 +173,8 @@ def _plan_import(src: Path, dtype: str, budget: Budget, tp: int = 1, pp: int = 1
                 config={"_target_": target, **nemo_args}, budget=budget_plan(items, sources, budget),
                 layout={"tp": tp, "pp": pp, "ep": ep, "format": fmt})
     return _Job(plan, RowReader(), src, {"spec": spec, "hf": cfg, "dims": dims, "format": fmt,
-                                         "side": _hf_side_files(src), "emb_rows": _embedding_rows(logicals, dims),
-                                         "ncfg": _full_config(target, nemo_args)})
+                                         "side": side, "emb_rows": _embedding_rows(logicals, dims),
+                                         "ncfg": _full_config(target, nemo_args), "scratch": scratch})
 
 
 def _layout_legacy(fmt: str, spec: Any, dims: Any, logicals: list[Logical], dtype: str, tp: int, pp: int,
@@ -237,23 +254,32 @@ def _plan_export(src: Path, dtype: str, budget: Budget, max_shard: int) -> _Job:
 
 
 def _job(src: str | Path, to: str | None, dtype: str | None, max_memory: int | str | None,
-         max_shard_size: int | str | None, tp: int = 1, pp: int = 1, ep: int = 1, fmt: str = "nemo2") -> _Job:
-    path = Path(src).expanduser()
+         max_shard_size: int | str | None, tp: int = 1, pp: int = 1, ep: int = 1, fmt: str = "nemo2",
+         overrides: Any = None) -> _Job:
+    from hfnemo.hub import resolve_source
+    from hfnemo.overrides import parse_overrides
+
+    overrides = parse_overrides(overrides)
+    path = resolve_source(src) if to != "hf" else Path(src).expanduser()  # hf://ORG/NAME: the Hub cache
     if not path.exists():
         raise UsageError(f"{path} does not exist", file=path, fix="check the path")
     if fmt not in legacy.FORMATS:
         raise UsageError(f"--format {fmt!r}", fix=f"use one of {', '.join(legacy.FORMATS)}")
     # `import` means the source is HF even when config.json is missing (then that is the error).
-    is_ckpt = is_nemo_dir(path) or legacy.is_nemo1_dir(path) or legacy.is_megatron_dir(path)
+    is_ckpt = (is_nemo_dir(path) or legacy.is_nemo1_dir(path) or legacy.is_megatron_dir(path)
+               or legacy.is_nemo1_tar(path))
     kind = "hf" if to == "nemo" and not is_ckpt else detect(path)
     want = to or ("nemo" if kind == "hf" else "hf")
     if (kind, want) not in (("hf", "nemo"), ("nemo", "hf"), ("legacy", "hf")):
         raise UsageError(f"cannot convert a {kind} checkpoint to {want}", file=path,
                          fix="use `hfnemo import` for HF -> NeMo, `hfnemo export` for NeMo -> HF and "
                              "`hfnemo reshard` to change the layout of a NeMo / Megatron checkpoint")
+    if overrides and kind != "hf":
+        raise UsageError("config overrides apply to an import (HF -> NeMo)", file=path,
+                         fix="drop --set / overrides=, or import from the HF model")
     budget = Budget(max_memory=_size(max_memory, DEFAULT_MAX_MEMORY, "--max-memory"), baseline=current_rss())
     if kind == "hf":
-        return _plan_import(path, _dtype(dtype), budget, tp, pp, ep, fmt)
+        return _plan_import(path, _dtype(dtype), budget, tp, pp, ep, fmt, overrides)
     shard = _size(max_shard_size, DEFAULT_MAX_SHARD, "--max-shard-size")
     if kind == "legacy":
         return _plan_export_legacy(path, _dtype(dtype), budget, shard)
@@ -262,9 +288,9 @@ def _job(src: str | Path, to: str | None, dtype: str | None, max_memory: int | s
 
 def plan(src: str | Path, *, to: str | None = None, dtype: str | None = "auto",
          max_memory: int | str | None = None, max_shard_size: int | str | None = None,
-         tp: int = 1, pp: int = 1, ep: int = 1, format: str = "nemo2") -> Plan:
+         tp: int = 1, pp: int = 1, ep: int = 1, format: str = "nemo2", overrides: Any = None) -> Plan:
     """The dry run: every output tensor, its sources and transform, bytes and memory. Writes nothing."""
-    job = _job(src, to, dtype, max_memory, max_shard_size, tp, pp, ep, format)
+    job = _job(src, to, dtype, max_memory, max_shard_size, tp, pp, ep, format, overrides)
     job.reader.close()
     return job.plan
 
@@ -323,8 +349,8 @@ def _write_import_extras(job: _Job, staging: Path) -> None:
                   config_args=config_args, tokenizer_dir=job.src if has_tok else None,
                   generation_config=generation, tokenizer_args=list(spec.tokenizer_args))
     (staging / "context" / "artifacts").mkdir(exist_ok=True)
-    shutil.copyfile(cfg.path, staging / "context" / HF_CONFIG_SIDECAR)
-
+    shutil.copyfile((job.extra.get("side") or {}).get(legacy.HF_CONFIG, cfg.path),
+                    staging / "context" / HF_CONFIG_SIDECAR)
 
 def _ref(dotted: str) -> PyRef:
     mod, name = dotted.rsplit(".", 1)
@@ -419,12 +445,16 @@ def _kernels(device: str, threads: int | None, plan: Any = None):
 def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: str | None = "auto",
             max_memory: int | str | None = None, max_shard_size: int | str | None = None,
             overwrite: bool = False, progress: ProgressFn | None = None, tp: int = 1, pp: int = 1,
-            ep: int = 1, device: str = "auto", threads: int | None = None, format: str = "nemo2") -> Report:
+            ep: int = 1, device: str = "auto", threads: int | None = None, format: str = "nemo2",
+            overrides: dict[str, Any] | list[str] | None = None) -> Report:
     """Convert ``src`` (HF directory or NeMo 2 checkpoint) into ``dst``, streaming within ``max_memory``.
 
     Args:
-        src: HF model directory (config.json + safetensors) or NeMo 2 checkpoint (context/ + weights/).
-        dst: output directory; it appears only when complete (written beside it, then renamed).
+        src: HF model directory (config.json + safetensors), ``hf://ORG/NAME`` or ``ORG/NAME`` (a Hub
+            model, through huggingface_hub's cache; see hfnemo.hub), or a NeMo 2 checkpoint
+            (context/ + weights/), NeMo 1 directory or ``.nemo`` file, Megatron-LM checkpoint.
+        dst: output directory; it appears only when complete (written beside it, then renamed). A
+            path ending in ``.nemo`` is a NeMo 1 ``.nemo`` tar file, streamed (hfnemo.io.nemo_tar).
         to: "nemo" or "hf"; default: the other format.
         dtype: "auto" keeps each tensor's dtype; "bf16"/"fp16"/"fp32" cast with round-to-nearest-even.
         max_memory: peak memory of the process, bytes or a size like "1GiB" (default 2GiB).
@@ -440,12 +470,88 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
         format: import target: "nemo2" (DCP, default), "nemo1" (.nemo directory with per-rank
             model_weights.ckpt) or "megatron" (Megatron-LM ckpt_format=torch); see hfnemo.io.legacy.
             Exports read any of them (detected).
+        overrides: import only: NeMo config fields to set, ``{"seq_length": 8192}`` or
+            ``["seq_length=8192", "hf.rope_theta=1e6"]``; checked against the weights (hfnemo.overrides).
 
     Returns:
         A Report with byte counts, time and peak memory.
     """
-    job = _job(src, to, dtype, max_memory, max_shard_size, tp, pp, ep, format)
+    from hfnemo.io import nemo_tar
+
+    tar = nemo_tar.wants_tar(dst)
+    if tar:
+        nemo_tar.refuse_format(format, Path(dst))
+        format = "nemo1"
+    job = _job(src, to, dtype, max_memory, max_shard_size, tp, pp, ep, format, overrides)
+    if tar:
+        if job.plan.direction != "hf_to_nemo":
+            job.reader.close()
+            raise UsageError(f"{dst} names a NeMo 1 .nemo file, but {src} is already a NeMo checkpoint", file=dst,
+                             fix=f"use `hfnemo reshard {src} {dst}` to repack a NeMo checkpoint as a .nemo")
+        return _run_tar(job, dst, overwrite, progress, device, threads)
     return _run(job, dst, overwrite, progress, device, threads)
+
+
+def _run_tar(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn | None, device: str,
+             threads: int | None) -> Report:
+    """Stream a NeMo 1 plan into one ``.nemo`` tar: model_config.yaml and the artifacts first (small,
+    generated beside the output, then removed), then each rank's model_weights.ckpt as one member
+    written as the executor produces it; the finished file replaces ``dst`` atomically."""
+    from hfnemo.io import nemo_tar
+
+    t0 = time.perf_counter()
+    dst = Path(dst).expanduser()
+    plan = job.plan
+    partial = dst.with_name(f".{dst.name}.hfnemo-partial")
+    side = dst.with_name(f".{dst.name}.hfnemo-side")
+    try:
+        kernels = _kernels(device, threads, plan)
+        if getattr(kernels, "device", None) is not None:  # as _run: device buffers counted in the budget
+            plan = job.plan = dataclasses.replace(plan, budget=budget_plan(
+                list(plan.items), {s.name: s for s in plan.sources},
+                Budget(max_memory=int(plan.budget["max_memory"]), baseline=current_rss(), device=True)))
+        _check_output(job.src, dst, overwrite)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(dst.parent).free
+        if free < plan.write_bytes + (64 << 20):
+            raise InsufficientDisk(f"the output needs {plan.write_bytes} bytes but only {free} are free",
+                                   file=dst.parent, fix="free disk space or choose another output disk")
+        for p in (partial, side):
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        side.mkdir()
+        try:
+            _write_legacy_extras(job, side)
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                writer = nemo_tar.TarWriter(fd)
+                dirs: set[str] = set()
+                writer.add_dir(".")
+                nemo_tar.add_tree(writer, side, dirs)
+                sink = nemo_tar.NemoTarSink(plan, writer, dirs)
+                execute(plan, job.reader, sink, progress=progress, kernels=kernels)
+                sink.finish()
+                writer.close()
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            nemo_tar.publish_file(partial, dst)
+        except BaseException:
+            if partial.exists():
+                partial.unlink()
+            raise
+        finally:
+            shutil.rmtree(side, ignore_errors=True)
+    finally:
+        job.reader.close()
+    seconds = time.perf_counter() - t0
+    return Report(direction=plan.direction, arch=plan.arch, source=str(job.src), output=str(dst),
+                  tensors=len(plan.items), bytes_read=plan.read_bytes, bytes_written=plan.write_bytes,
+                  seconds=seconds, gb_per_s=plan.write_bytes / seconds / 1e9 if seconds else 0.0,
+                  peak_rss_bytes=peak_rss(), max_memory_bytes=int(plan.budget["max_memory"]),
+                  files=list(plan.files), budget=dict(plan.budget))
 
 
 def _run(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn | None, device: str,
@@ -596,8 +702,8 @@ def _plan_export_legacy(src: Path, dtype: str, budget: Budget, max_shard: int) -
     plan = Plan(direction="nemo_to_hf", arch=spec.name, source=str(src), dtype=dtype,
                 sources=tuple(sources.values()), items=tuple(items), byte_items=(), files=tuple(files),
                 config=hfio.denormalise_config(hf_cfg, m["dialect"]), budget=budget_plan(items, sources, budget))
-    return _Job(plan, RowReader(), src, {"spec": spec, "side": m["side"], "format": m["ckpt"].fmt})
-
+    return _Job(plan, RowReader(), src, {"spec": spec, "side": m["side"], "format": m["ckpt"].fmt,
+                                         "ckpt": m["ckpt"]})  # a .nemo's ckpt holds its side files' scratch
 
 def _write_legacy_export_extras(job: _Job, staging: Path) -> None:
     plan = job.plan
@@ -740,6 +846,7 @@ def _plan_reshard(path: Path, fmt: str | None, dtype: str, budget: Budget, tp: i
         spec, dims, sources, ncfg, side = m["spec"], m["dims"], m["sources"], m["ncfg"], m["side"]
         reader = RowReader()
         src_fmt = m["ckpt"].fmt
+        keep = m["ckpt"]  # a .nemo's ckpt holds its side files' scratch
     else:
         raise UsageError(f"{path} is an HF model; reshard changes the layout of NeMo / Megatron checkpoints",
                          file=path, fix="use `hfnemo import --tp N --pp N --format ...` for HF models")
@@ -759,7 +866,8 @@ def _plan_reshard(path: Path, fmt: str | None, dtype: str, budget: Budget, tp: i
                 items=tuple(items), byte_items=tuple(blobs), files=tuple(files), config=ncfg,
                 budget=budget_plan(items, sources, budget), layout={"tp": tp, "pp": pp, "ep": ep, "format": fmt})
     return _Job(plan, reader, path, {"spec": spec, "dims": dims, "ncfg": ncfg, "side": side, "format": fmt,
-                                     "src_format": src_fmt, "emb_rows": _embedding_rows(logicals, dims)})
+                                     "src_format": src_fmt, "emb_rows": _embedding_rows(logicals, dims),
+                                     "ckpt": keep if kind == "legacy" else None})
 
 
 def reshard(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1, format: str | None = None,
@@ -772,7 +880,15 @@ def reshard(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1, ep: i
     if not path.exists():
         raise UsageError(f"{path} does not exist", file=path, fix="check the path")
     budget = Budget(max_memory=_size(max_memory, DEFAULT_MAX_MEMORY, "--max-memory"), baseline=current_rss())
+    from hfnemo.io import nemo_tar
+
+    tar = nemo_tar.wants_tar(dst)
+    if tar:
+        nemo_tar.refuse_format(format, Path(dst))
+        format = "nemo1"
     job = _plan_reshard(path, format, _dtype(dtype), budget, tp, pp, ep)
+    if tar:
+        return _run_tar(job, dst, overwrite, progress, device, threads)
     return _run(job, dst, overwrite, progress, device, threads)
 
 

@@ -53,8 +53,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU kernel threads")
     p.add_argument("--format", default=None, choices=["nemo2", "nemo1", "megatron"],
                    help="NeMo output format: nemo2 (DCP, default for import), nemo1 (.nemo directory with "
-                        "per-rank model_weights.ckpt) or megatron (Megatron-LM ckpt_format=torch); "
-                        "reshard: default the source's")
+                        "per-rank model_weights.ckpt; an output path ending in .nemo is written as the "
+                        ".nemo tar) or megatron (Megatron-LM ckpt_format=torch); reshard: default the source's")
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", dest="set",
+                   help="import: override a NeMo config field (model.yaml's config: keys, e.g. seq_length=8192; "
+                        "model_config.KEY too) or, as hf.KEY, a config.json field; checked against the "
+                        "weights; repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +130,8 @@ def _run_convert(args: argparse.Namespace, src: str, dst: str, to: str) -> int:
         if to == "reshard":
             from hfnemo.api import reshard
 
+            if getattr(args, "set", None):
+                raise UsageError("--set overrides apply to import", fix="drop --set (reshard keeps the config)")
             report = reshard(src, dst, tp=args.tp, pp=args.pp, ep=args.ep, format=args.format, dtype=args.dtype,
                              max_memory=args.max_memory, overwrite=args.overwrite, progress=update,
                              device=args.device, threads=args.threads)
@@ -133,7 +139,7 @@ def _run_convert(args: argparse.Namespace, src: str, dst: str, to: str) -> int:
             report = convert(src, dst, to=to, dtype=args.dtype, max_memory=args.max_memory,
                              max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=update,
                              tp=args.tp, pp=args.pp, ep=args.ep, device=args.device, threads=args.threads,
-                             format=getattr(args, "format", None) or "nemo2")
+                             format=getattr(args, "format", None) or "nemo2", overrides=getattr(args, "set", None))
     finally:
         close()
     if args.json:
@@ -156,15 +162,21 @@ def _kv(items: Sequence[str]) -> dict[str, str]:
 
 def _llm(args: argparse.Namespace) -> int:
     kv = _kv(args.kv)
+    # trainer.devices=0 / trainer.accelerator=cpu: the guide's way to import without a GPU.
+    if kv.get("trainer.devices") == "0" or kv.get("trainer.accelerator", "").lower() == "cpu":
+        args.device = "cpu"
+    # model_config.KEY=VALUE (also model.config.KEY): config overrides, as --set KEY=VALUE.
+    sets = [f"{k}={v}" for k, v in kv.items() if k.startswith(("model_config.", "model.config."))]
+    if sets:
+        args.set = (getattr(args, "set", None) or []) + sets
     if args.action == "import":
         src = kv.get("source")
         if not src:
             raise UsageError("llm import needs source=hf://PATH", fix="add source=hf://<model dir>")
-        src = src.removeprefix("hf://")
         dst = kv.get("output_path")
         if not dst:  # NeMo's default: $NEMO_HOME/models/<name>
             home = os.environ.get("NEMO_HOME", str(Path.home() / ".cache" / "nemo"))
-            dst = str(Path(home) / "models" / Path(src.rstrip("/")).name)
+            dst = str(Path(home) / "models" / Path(src.removeprefix("hf://").split("@")[0].rstrip("/")).name)
         args.overwrite = args.overwrite or kv.get("overwrite", "false").lower() == "true"
         return _run_convert(args, src, dst, "nemo")
     path, dst, target = kv.get("path"), kv.get("output_path"), kv.get("target", "hf")
@@ -180,7 +192,7 @@ def _plan(args: argparse.Namespace) -> int:
     from hfnemo.api import plan
 
     p = plan(args.src, to=args.to, dtype=args.dtype, max_memory=args.max_memory, max_shard_size=args.max_shard_size,
-             tp=args.tp, pp=args.pp, ep=args.ep, format=args.format or "nemo2")
+             tp=args.tp, pp=args.pp, ep=args.ep, format=args.format or "nemo2", overrides=args.set)
     out_dir = Path(args.out) if args.out else Path(args.src).resolve().parent
     while not out_dir.exists():
         out_dir = out_dir.parent

@@ -111,6 +111,28 @@ def is_megatron_dir(p: Path) -> bool:
     return (p / MEGATRON_TRACKER).is_file()
 
 
+def is_nemo1_tar(p: Path) -> bool:
+    """A NeMo 1 ``.nemo`` file (a tar of the NeMo 1 directory; hfnemo.io.nemo_tar)."""
+    from hfnemo.io.nemo_tar import is_nemo_tar
+
+    return is_nemo_tar(p)
+
+
+def nemo1_yaml(data: bytes, where: Path | str) -> dict[str, Any]:
+    try:
+        cfg = yaml.safe_load(data.decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CorruptCheckpoint(f"model_config.yaml is not plain YAML: {e}", file=where) from None
+    if not isinstance(cfg, dict):
+        raise CorruptCheckpoint("model_config.yaml is not a mapping", file=where)
+    return cfg
+
+
+def nemo1_layout(cfg: Mapping[str, Any]) -> RankLayout:
+    return RankLayout(_int_or(cfg.get("tensor_model_parallel_size")), _int_or(cfg.get("pipeline_model_parallel_size")),
+                      1, NEMO1_PREFIX)
+
+
 # ------------------------------------------------------------------------------ configs written
 
 def _s(v: Any) -> Any:
@@ -265,6 +287,9 @@ class LegacyCheckpoint:
     files: dict[tuple[int, int, int], Path]
     config: dict[str, Any]  # model_config.yaml, or Megatron's args as a dict
     side_files: dict[str, Path] = field(default_factory=dict)  # tokenizer files, hf_config, generation_config
+    # a .nemo tar: rank files are hfnemo.io.nemo_tar.Member byte ranges of it; holding it keeps the
+    # scratch directory of its extracted artifacts alive
+    tar: Any = field(default=None, repr=False)
 
     @property
     def arch(self) -> str | None:
@@ -278,16 +303,15 @@ def _int_or(v: Any, d: int = 1) -> int:
 
 
 def open_legacy(root: Path) -> LegacyCheckpoint:
-    """Find the rank files and the config of a NeMo 1 directory or a Megatron-LM checkpoint."""
+    """Find the rank files and the config of a NeMo 1 directory or ``.nemo`` file, or a Megatron-LM
+    checkpoint."""
+    if not root.is_dir() and is_nemo1_tar(root):
+        from hfnemo.io.nemo_tar import open_nemo1_tar
+
+        return open_nemo1_tar(root)
     if is_nemo1_dir(root):
-        try:
-            cfg = yaml.safe_load((root / NEMO1_CONFIG).read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise CorruptCheckpoint(f"model_config.yaml is not plain YAML: {e}", file=root / NEMO1_CONFIG) from None
-        if not isinstance(cfg, dict):
-            raise CorruptCheckpoint("model_config.yaml is not a mapping", file=root / NEMO1_CONFIG)
-        lay = RankLayout(_int_or(cfg.get("tensor_model_parallel_size")), _int_or(cfg.get("pipeline_model_parallel_size")),
-                         1, NEMO1_PREFIX)
+        cfg = nemo1_yaml((root / NEMO1_CONFIG).read_bytes(), root / NEMO1_CONFIG)
+        lay = nemo1_layout(cfg)
         files = {(t, p, e): root / nemo1_file(t, p, e, lay) for t, p, e in lay.ranks()}
         side = {}
         for f in sorted(root.iterdir()):
@@ -334,9 +358,11 @@ def open_legacy(root: Path) -> LegacyCheckpoint:
 def _load_rank(path: Path, tensors: bool = False):
     """The unpickled object of a rank file; with ``tensors``, also ``{key: StoredTensor}`` of its
     state dict's tensors (the file stays open only while locating them)."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)  # a nemo_tar.Member opens its tar and names its byte range
     try:
-        obj, locate = read_archive(fd, os.fstat(fd).st_size, path=str(path), inert=_inert)
+        size = getattr(path, "size", None)
+        obj, locate = read_archive(fd, os.fstat(fd).st_size if size is None else size, path=str(path),
+                                   inert=_inert, offset=getattr(path, "offset", 0))
         if not tensors:
             return obj, {}
         sd = obj.get("model") if isinstance(obj, dict) and "model" in obj and "args" in obj else obj
@@ -415,7 +441,7 @@ def legacy_sources(ckpt: LegacyCheckpoint, num_layers: int, experts: int, gated:
                 raise CorruptCheckpoint(f"{name}: a row-parallel shard must be 2-D, got {shape}", file=ckpt.root)
             gshape = (rows, shape[1] * lay.tp)
             for r in ranks:
-                pieces.append((str(by_rank[r][0]), sts[r].offset, 0, rows, 0, r * shape[1], shape[1], row_bytes))
+                pieces.append((os.fspath(by_rank[r][0]), sts[r].offset, 0, rows, 0, r * shape[1], shape[1], row_bytes))
         elif kind == "rows":
             gshape = (rows * lay.tp, *shape[1:])
             halves = 2 if gated and _GLU_FC1.search(name) else 1
@@ -424,11 +450,11 @@ def legacy_sources(ckpt: LegacyCheckpoint, num_layers: int, experts: int, gated:
             h = rows // halves
             for r in ranks:
                 for k in range(halves):  # local = cat(gate_r, up_r): half k of rank r
-                    pieces.append((str(by_rank[r][0]), sts[r].offset, k * h, h, k * h * lay.tp + r * h, 0, 0,
+                    pieces.append((os.fspath(by_rank[r][0]), sts[r].offset, k * h, h, k * h * lay.tp + r * h, 0, 0,
                                    row_bytes))
         else:
             gshape = shape
-            pieces.append((str(by_rank[ranks[0]][0]), sts[0].offset, 0, rows, 0, 0, 0, row_bytes))
+            pieces.append((os.fspath(by_rank[ranks[0]][0]), sts[0].offset, 0, rows, 0, 0, 0, row_bytes))
         out[name] = SourceTensor(name, dtype.name, tuple(gshape), ("legacy", tuple(pieces)))
     return out
 

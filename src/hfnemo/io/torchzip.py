@@ -495,12 +495,13 @@ def _rebuild_ref(storage: object, storage_offset: int, size: tuple[int, ...], st
 
 
 def read_archive(fd: int, length: int, *, path: str = "?", inert: Callable[[str, str], bool] = lambda m, n: False,
-                 max_pickle: int = 256 << 20) -> tuple[object, Callable[[ArchivedTensor], StoredTensor]]:
-    """Unpickle the data.pkl of a whole-file torch archive (no tensor bytes are read).
+                 max_pickle: int = 256 << 20, offset: int = 0) -> tuple[object, Callable[[ArchivedTensor], StoredTensor]]:
+    """Unpickle the data.pkl of a torch archive (no tensor bytes are read): the whole file, or the
+    ``length`` bytes at ``offset`` (a member of a ``.nemo`` tar).
 
     Returns the object, with every tensor as an :class:`ArchivedTensor`, and a function giving where
-    a tensor's bytes lie (checked to be contiguous and inside its storage record)."""
-    arc = _Archive(fd, 0, length, path, "data.pkl", 1 << 24)
+    a tensor's bytes lie (absolute file offsets; checked to be contiguous and inside its storage record)."""
+    arc = _Archive(fd, offset, length, path, "data.pkl", 1 << 24)
     obj = arc.unpickle(lambda data, p: _DictUnpickler(data, p, inert), max_pickle)
 
     def locate(t: ArchivedTensor) -> StoredTensor:

@@ -8,7 +8,7 @@ import argparse
 import importlib
 
 # module names under hfnemo.tools, each with register(sub)
-MODULES: list[str] = ["inspect", "verify", "backup"]
+MODULES: list[str] = ["inspect", "verify", "backup", "validate"]
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
