@@ -165,5 +165,5 @@ def test_bad_sizes_are_usage_errors(tiny_hf_factory, tmp_path: Path) -> None:
     src = tiny_hf_factory("llama2_mha")
     r = hfnemo("import", str(src), str(tmp_path / "o"), "--max-memory", "lots")
     assert r.returncode == 2 and "max-memory" in r.stderr
-    r = hfnemo("import", str(src), str(tmp_path / "o"), "--max-memory", "300MiB")
+    r = hfnemo("import", str(src), str(tmp_path / "o"), "--max-memory", "120MiB")  # below torch's own footprint
     assert r.returncode == 2 and "too small" in r.stderr and not (tmp_path / "o").exists()

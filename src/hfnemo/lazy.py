@@ -1,0 +1,47 @@
+"""Deferred imports of heavy modules (torch.distributed.checkpoint costs 0.6-3.5 s to import).
+
+``LazyModule(name)`` imports ``name`` on first attribute access; ``prewarm(*names)`` imports them
+in a daemon thread now, so that the import overlaps with I/O the caller is about to do (Python's
+per-module import locks make a concurrent first use wait for that import, never run it twice).
+"""
+from __future__ import annotations
+
+import importlib
+import threading
+from types import ModuleType
+
+_started: set[str] = set()
+_lock = threading.Lock()
+
+
+class LazyModule:
+    def __init__(self, name: str) -> None:
+        self.__dict__["_name"] = name
+        self.__dict__["_mod"] = None
+
+    def _load(self) -> ModuleType:
+        mod = self.__dict__["_mod"]
+        if mod is None:
+            mod = importlib.import_module(self.__dict__["_name"])
+            self.__dict__["_mod"] = mod
+        return mod
+
+    def __getattr__(self, attr: str) -> object:
+        return getattr(self._load(), attr)
+
+
+def _import_quietly(names: tuple[str, ...]) -> None:
+    for n in names:
+        try:
+            importlib.import_module(n)
+        except Exception:  # noqa: BLE001 - the real use imports again and reports
+            return
+
+
+def prewarm(*names: str) -> None:
+    """Import ``names`` in a background daemon thread (once per process)."""
+    with _lock:
+        todo = tuple(n for n in names if n not in _started)
+        _started.update(todo)
+    if todo:
+        threading.Thread(target=_import_quietly, args=(todo,), name="hfnemo-prewarm", daemon=True).start()
