@@ -282,9 +282,10 @@ def cuda_kernels(scale: int):
 def _gather_run(out, pieces):
     def run(be):
         if hasattr(be, "gather_prepare"):  # the Triton backend: the table is built once (host side)
-            if "prep" not in run.__dict__:
-                run.prep = be.gather_prepare(out, pieces)
-            be.gather_launch(run.prep)
+            preps = run.__dict__.setdefault("preps", {})
+            if be.name not in preps:
+                preps[be.name] = be.gather_prepare(out, pieces)
+            be.gather_launch(preps[be.name])
         else:
             be.gather(out, pieces)
     return run
@@ -295,17 +296,28 @@ class _Configured:
 
     def __init__(self, be, cfg: dict) -> None:
         self.be, self.cfg = be, cfg
-        self.name = "triton_" + "_".join(f"{k}{v}" for k, v in cfg.items())
+        self.name = "triton_" + "_".join(f"{k.replace('gather_', 'g')}{v}" for k, v in cfg.items())
 
-    def slice_cols(self, *a) -> None:
+    def _with(self, fn, *a):
         from hfnemo.kernels import triton_backend as tb
-        old = dict(tb.CONFIG)
-        tb.CONFIG.update(self.cfg)
+        old, old_split = dict(tb.CONFIG), tb.GATHER_SPLIT
+        tb.CONFIG.update({k: v for k, v in self.cfg.items() if k != "split"})
+        tb.GATHER_SPLIT = self.cfg.get("split", old_split)
         try:
-            self.be.slice_cols(*a)
+            return fn(*a)
         finally:
             tb.CONFIG.clear()
             tb.CONFIG.update(old)
+            tb.GATHER_SPLIT = old_split
+
+    def slice_cols(self, *a) -> None:
+        self._with(self.be.slice_cols, *a)
+
+    def gather_prepare(self, *a):
+        return self._with(self.be.gather_prepare, *a)
+
+    def gather_launch(self, prep) -> None:
+        self.be.gather_launch(prep)
 
 
 def bench_cuda(args) -> list[dict]:
@@ -339,6 +351,11 @@ def bench_cuda(args) -> list[dict]:
         if args.sweep and name.startswith("slice_cols"):
             bes += [_Configured(backends[0], {"tile_bytes": t, "copy_warps": w}) for t, w in
                     ((8192, 4), (16384, 8), (16384, 4), (32768, 8), (32768, 16))]
+        if args.sweep and name.startswith("gather"):
+            bes += [_Configured(backends[0], {"gather_tile_bytes": t, "gather_warps": w, "gather_warps_unaligned": w,
+                                              "split": sp}) for t, w, sp in
+                    ((8192, 4, 1 << 20), (8192, 8, 1 << 20), (16384, 4, 1 << 20), (32768, 8, 1 << 20),
+                     (16384, 8, 4 << 20), (16384, 8, 256 << 10), (65536, 8, 1 << 20))]
         fns = [("d2d", lambda: cdst.copy_(csrc))] + [(be.name, (lambda be=be: run(be))) for be in bes]
         for _, f in fns:
             f()
