@@ -257,7 +257,7 @@ def kernels(args):
                                        16384 * 65534)
     for name, (pcs, nb) in cases.items():
         prep = b.gather_prepare(gdst, pcs)
-        dst, word, table_t, grid, iters, align, chunk = prep
+        dst, word, table_t, grid, iters, align, chunk = prep[:7]
         wd = tb._words(dst, dst.numel() // word * word, word)
         variants = [("committed", lambda prep=prep: b.gather_launch(prep)),
                     ("old_no_n_align", lambda wd=wd, table_t=table_t, grid=grid, iters=iters, align=align, chunk=chunk:

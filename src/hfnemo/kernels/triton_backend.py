@@ -146,24 +146,26 @@ def _hwcast_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gather_kernel(dst_ptr, table_ptr, iters, ALIGN: tl.constexpr, CHUNK: tl.constexpr):
+def _gather_kernel(dst_ptr, table_ptr, iters, G, ALIGN: tl.constexpr, CHUNK: tl.constexpr):
     """Row p of the int64 table is (dst_off, src_off, nwords), all in words of dst's element type
     and all multiples of ALIGN; src_off is relative to dst_ptr (the source's address minus dst's,
-    so the compiler sees the source as aligned as dst and vectorises). Program (p, c) copies words
-    c*CHUNK, (c+G)*CHUNK, ... of row p (G = programs along axis 1), ``iters`` chunks in all (the
-    loop bound is a plain argument: older interpreters cannot loop up to a loaded value)."""
-    p = tl.program_id(0).to(tl.int64)
+    so the compiler sees the source as aligned as dst and vectorises). A 1-D grid of rows x G
+    programs, the G programs of one row adjacent (consecutive programs walk consecutive chunks of
+    one piece: DRAM locality; with the row index fastest, QKV-shaped gathers ran at 0.945 x D2D on
+    an H100, 0.989 this way). Program (p, c) copies chunks c, c+G, ... of row p, ``iters`` in all
+    (the loop bound is a plain argument: older interpreters cannot loop up to a loaded value)."""
+    pid = tl.program_id(0).to(tl.int64)
+    p = pid // G
+    c = pid % G
     dst_off = tl.multiple_of(tl.load(table_ptr + p * 3), ALIGN)
     src_off = tl.multiple_of(tl.load(table_ptr + p * 3 + 1), ALIGN)
     # the length too: without it the load mask `offs < n` has unknown constancy and the compiler
-    # may not vectorise the masked loads (QKV-shaped gather 0.955 -> 1.07 x D2D on an H100)
+    # may not vectorise the masked loads (QKV-shaped gather 0.955 -> 1.07 x a 1 GiB D2D on an H100)
     n = tl.multiple_of(tl.load(table_ptr + p * 3 + 2), ALIGN)
     dst = dst_ptr + dst_off
     src = dst_ptr + src_off
-    c = tl.program_id(1).to(tl.int64)
-    g = tl.num_programs(1).to(tl.int64)
     for i in range(0, iters):
-        offs = (c + i * g) * CHUNK + tl.arange(0, CHUNK)
+        offs = (c + i * G) * CHUNK + tl.arange(0, CHUNK)
         offs = tl.max_contiguous(tl.multiple_of(offs, CHUNK), CHUNK)
         m = offs < n
         tl.store(dst + offs, tl.load(src + offs, mask=m), mask=m)
@@ -403,8 +405,8 @@ class TritonBackend:
     def gather_launch(self, prep) -> None:
         """Device side of a gather prepared by :meth:`gather_prepare` (one kernel launch)."""
         dst, word, table_t, grid, iters, align, chunk, warps = prep
-        _gather_kernel[grid](_words(dst, dst.numel() // word * word, word), table_t, iters, ALIGN=align,
-                             CHUNK=chunk, num_warps=warps)
+        _gather_kernel[(grid[0] * grid[1],)](_words(dst, dst.numel() // word * word, word), table_t, iters, grid[1],
+                                             ALIGN=align, CHUNK=chunk, num_warps=warps)
 
     def slice_cols(self, dst: torch.Tensor, src: torch.Tensor, rows: int, src_row_bytes: int, col_offset: int,
                    col_bytes: int) -> None:
