@@ -6,7 +6,9 @@ from __future__ import annotations
 import filecmp
 import io
 import os
+import shutil
 import tarfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -160,7 +162,7 @@ def test_broken_nemo_files_are_clear_errors(src: Path, tmp_path: Path) -> None:
         hfnemo.convert(missing, tmp_path / "o3")
     dist = tmp_path / "dist.nemo"
     dist.write_bytes(_members({"./model_config.yaml": cfg, "./model_weights/.metadata": b"x"}))
-    with pytest.raises(UsageError, match="model_weights/"):
+    with pytest.raises(CorruptCheckpoint, match=".metadata"):
         hfnemo.convert(dist, tmp_path / "o4")
     assert main(["export", str(truncated), str(tmp_path / "o5"), "--quiet"]) == 2
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
@@ -185,3 +187,52 @@ def test_tar_writer_long_names_and_huge_sizes(tmp_path: Path) -> None:
     # a member over 8 GiB: base-256 size in the same 512-byte header (its length never changes)
     head = nemo_tar.TarWriter._header("./model_weights.ckpt", 9 << 30, tarfile.REGTYPE, 0o644)
     assert len(head) == 512 and tarfile.TarInfo.frombuf(head, "utf-8", "strict").size == 9 << 30
+
+
+# ------------------------------------------------------------------------------ dist-ckpt models
+
+def _nemo1_dist_dir(src: Path, tmp_path: Path, tp: int) -> Path:
+    """A NeMo 1 dist-ckpt directory: model_config.yaml and artifacts as hfnemo writes them, and
+    model_weights/ a torch-dist checkpoint of Megatron's sharded state dict (keys ``model.…``, layers
+    stacked). TP 1: written by torch.distributed.checkpoint itself (one chunk per tensor); TP 2:
+    hfnemo's NeMo 2 chunks (one per layer, TP cuts) with the keys renamed in .metadata."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from test_reference import load_dcp
+
+    nemo2, out = tmp_path / f"nemo2-tp{tp}", tmp_path / f"nemo1-dist-tp{tp}"
+    hfnemo.convert(src, nemo2, tp=tp)
+    hfnemo.convert(src, out, format="nemo1")
+    (out / "model_weights.ckpt").unlink()
+    if tp == 1:
+        sd = {"model." + k.removeprefix("module."): v for k, v in load_dcp(nemo2 / "weights").items()}
+        with warnings.catch_warnings():  # "torch.distributed is disabled ... a single process": intended
+            warnings.simplefilter("ignore")
+            dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(out / "model_weights")), no_dist=True)
+    else:
+        import dataclasses
+
+        shutil.copytree(nemo2 / "weights", out / "model_weights")
+        mpath = out / "model_weights" / ".metadata"
+        md = pickle.loads(mpath.read_bytes())
+        md.state_dict_metadata = {"model." + k.removeprefix("module."): v for k, v in md.state_dict_metadata.items()}
+        md.storage_data = {dataclasses.replace(k, fqn="model." + k.fqn.removeprefix("module.")): v
+                           for k, v in md.storage_data.items()}
+        mpath.write_bytes(pickle.dumps(md))
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_reads_dist_ckpt_models(src: Path, hf_state: dict, tmp_path: Path, tp: int) -> None:
+    directory = _nemo1_dist_dir(src, tmp_path, tp)
+    packed = tmp_path / "dist.nemo"
+    with tarfile.open(packed, "w:") as tf:
+        tf.add(directory, arcname=".")
+    for source, out in ((directory, tmp_path / "from_dir"), (packed, tmp_path / "from_tar")):
+        hfnemo.convert(source, out)
+        assert _same(load_hf_state(out), hf_state)
+    again = tmp_path / "again.nemo"  # reshard a dist-ckpt .nemo into a per-rank one
+    hfnemo.reshard(packed, again, tp=2)
+    hfnemo.convert(again, tmp_path / "from_again")
+    assert _same(load_hf_state(tmp_path / "from_again"), hf_state)

@@ -78,6 +78,8 @@ _DCP_ALLOWED = {
     "torch": {"Size"},
     "collections": {"OrderedDict"},
     "builtins": {"set", "frozenset", "tuple", "list", "dict"},
+    # torch's FileSystemWriter records storage_meta.checkpoint_id as a path object (torch >= 2.4)
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
 }
 
 

@@ -64,6 +64,7 @@ from hfnemo.plan.planner import RankLayout, tp_split_kind
 FORMATS = ("nemo2", "nemo1", "megatron")
 NEMO1_CONFIG = "model_config.yaml"
 NEMO1_WEIGHTS = "model_weights.ckpt"
+NEMO1_DIST = "model_weights"  # dist-ckpt models: a torch-dist (DCP) directory instead of rank files
 NEMO1_PREFIX = "model."
 NEMO1_TARGET = "nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel"
 MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
@@ -290,6 +291,8 @@ class LegacyCheckpoint:
     # a .nemo tar: rank files are hfnemo.io.nemo_tar.Member byte ranges of it; holding it keeps the
     # scratch directory of its extracted artifacts alive
     tar: Any = field(default=None, repr=False)
+    # a dist-ckpt model (NeMo >= 1.23 mcore): no rank files, the torch-dist (DCP) index of model_weights/
+    dist: Any = field(default=None, repr=False)
 
     @property
     def arch(self) -> str | None:
@@ -318,7 +321,12 @@ def open_legacy(root: Path) -> LegacyCheckpoint:
             m = _ARTIFACT.match(f.name)
             if m and f.is_file():
                 side[m.group(1)] = f
-        ckpt = LegacyCheckpoint("nemo1", root, lay, files, cfg, side)
+        dist = None
+        if not any(f.is_file() for f in files.values()) and (root / NEMO1_DIST / ".metadata").is_file():
+            from hfnemo.io.dcp import read_index
+
+            dist, files = read_index(root / NEMO1_DIST), {}
+        ckpt = LegacyCheckpoint("nemo1", root, lay, files, cfg, side, dist=dist)
     elif is_megatron_dir(root):
         text = (root / MEGATRON_TRACKER).read_text().strip()
         if text == MEGATRON_RELEASE:
@@ -387,6 +395,8 @@ def legacy_sources(ckpt: LegacyCheckpoint, num_layers: int, experts: int, gated:
     Each source's location is ``("legacy", pieces)``; a piece maps local rows of one rank file's
     tensor to global rows (and, for row-parallel shards, a column window): ``(path, byte_offset,
     local_row0, rows, global_row0, col, cols, local_row_bytes)``."""
+    if ckpt.dist is not None:
+        return dist_sources(ckpt.dist, tied)
     lay = ckpt.layout
     if num_layers % lay.pp or (experts and experts % lay.ep):
         raise CorruptCheckpoint(f"layout tp={lay.tp} pp={lay.pp} ep={lay.ep} does not divide the model",
@@ -456,6 +466,52 @@ def legacy_sources(ckpt: LegacyCheckpoint, num_layers: int, experts: int, gated:
             gshape = shape
             pieces.append((os.fspath(by_rank[ranks[0]][0]), sts[0].offset, 0, rows, 0, 0, 0, row_bytes))
         out[name] = SourceTensor(name, dtype.name, tuple(gshape), ("legacy", tuple(pieces)))
+    return out
+
+
+def dist_sources(index: Any, tied: bool) -> dict[str, SourceTensor]:
+    """Logical per-layer tensors of a NeMo 1 dist-ckpt ``model_weights/`` (torch-dist DCP, keys
+    ``model.…``, layers stacked on a leading axis as Megatron's sharded state dict stacks them), as
+    ``("legacy", pieces)`` sources: each DCP chunk holding part of a layer's tensor is one piece
+    (rows of it, and a column window when tensor parallelism cut the columns), located once here,
+    so rows are then read like those of rank files (read_legacy_rows)."""
+    from hfnemo.exec.sources import dcp_sources
+    from hfnemo.io.dcp import ChunkLocator
+
+    logical, _prefix = dcp_sources(index)
+    locator = ChunkLocator(index)
+    out: dict[str, SourceTensor] = {}
+    with FileCache() as files:
+        for name, src in logical.items():
+            if "_extra_state" in name or (tied and name == "output_layer.weight"):
+                continue
+            _, fqn, prefix = src.location
+            g = index.tensors[fqn]
+            p, item = len(prefix), g.dtype.itemsize
+            pieces = []
+            for chunk in g.chunks:
+                o, s = chunk.offsets, chunk.sizes
+                if any(not (o[i] <= prefix[i] < o[i] + s[i]) for i in range(p)):
+                    continue
+                if any(o[j] or s[j] != g.shape[j] for j in range(p + 2, len(g.shape))):
+                    raise CorruptCheckpoint(f"a chunk cuts dimension 3 or later of {fqn} (offsets {o})",
+                                            file=index.root / chunk.file, tensor=fqn,
+                                            fix="hfnemo reads chunks cut along rows and columns only")
+                path = str(index.root / chunk.file)
+                st = locator.locate(files.fd(path), fqn, chunk)
+                strides = [1] * len(s)
+                for j in range(len(s) - 2, -1, -1):
+                    strides[j] = strides[j + 1] * s[j + 1]
+                start = st.offset + sum((prefix[i] - o[i]) * strides[i] for i in range(p)) * item
+                if not src.shape:  # a 0-d logical tensor: one element
+                    pieces.append((path, start, 0, 1, 0, 0, 0, item))
+                    continue
+                col, cols = (o[p + 1], s[p + 1]) if len(s) > p + 1 and s[p + 1] != g.shape[p + 1] else (0, 0)
+                if cols and len(s) > p + 2:
+                    raise CorruptCheckpoint(f"a chunk cuts the columns of the {len(s) - p}-d tensor {fqn}",
+                                            file=path, tensor=fqn, fix="hfnemo reads 2-d column cuts only")
+                pieces.append((path, start, 0, s[p], o[p], col, cols, strides[p] * item))
+            out[name] = SourceTensor(name, src.dtype, src.shape, ("legacy", tuple(pieces)))
     return out
 
 

@@ -15,6 +15,7 @@ hfnemo's readers pread tensors straight out of it (:class:`Member` is what a rea
 extracted except the small artifacts (tokenizer files, configs), into a scratch directory that
 lives as long as the :class:`NemoTar`. A gzip ``.nemo`` cannot be read in place: it is
 decompressed once into a scratch ``.tar`` (streamed, bounded memory; disk = its uncompressed size).
+A dist-ckpt model's ``model_weights/`` is indexed in place too (:func:`dcp_index`).
 
 Writing: :class:`TarWriter` streams members into one file: a member's header is written first
 (GNU format: the header's length never depends on the size, which a size over 8 GiB encodes in
@@ -384,11 +385,9 @@ def open_nemo1_tar(path: Path):
         cfg = legacy.nemo1_yaml(tar.read_bytes(legacy.NEMO1_CONFIG), tar.members[legacy.NEMO1_CONFIG])
         lay = legacy.nemo1_layout(cfg)
         names = {rank: legacy.nemo1_file(*rank, lay) for rank in lay.ranks()}
-        if not any(n in tar.members for n in names.values()) and any(
-                n.startswith("model_weights/") for n in tar.members):
-            raise UsageError("this .nemo holds a distributed (torch-dist) checkpoint in model_weights/, which "
-                             "hfnemo does not read yet", file=tar.path,
-                             fix="re-save it with per-rank weights (dist_ckpt off), or convert it with NeMo")
+        dist = None
+        if not any(n in tar.members for n in names.values()) and f"{legacy.NEMO1_DIST}/.metadata" in tar.members:
+            dist, names = dcp_index(tar, legacy.NEMO1_DIST), {}
         check_members(tar, names.values())
         side = {}
         for name in sorted(tar.members):
@@ -396,7 +395,59 @@ def open_nemo1_tar(path: Path):
             if m and "/" not in name:
                 side[m.group(1)] = tar.extract(name)
         return legacy.LegacyCheckpoint("nemo1", tar.path, lay, {r: tar.members[n] for r, n in names.items()},
-                                       cfg, side, tar=tar)
+                                       cfg, side, tar=tar, dist=dist)
     except BaseException:
         tar.close()
         raise
+
+
+def dcp_index(tar: NemoTar, folder: str):
+    """The DCP index of the torch-dist directory ``folder`` inside the tar (a dist-ckpt model's
+    ``model_weights/``), with every chunk located in the tar file itself: ``index.root`` is ``/`` and
+    each chunk's file is the tar's path below it, its offset the member's data offset plus the
+    chunk's. Each chunk is first checked to lie inside its own member."""
+    import io
+    import pickle
+
+    from torch.distributed.checkpoint import metadata as dcp_md
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    from hfnemo.io import dcp
+
+    mname = f"{folder}/.metadata"
+    where = tar.members[mname]
+    try:
+        md = dcp._MetadataUnpickler(io.BytesIO(tar.read_bytes(mname)), str(where)).load()
+    except CorruptCheckpoint:
+        raise
+    except Exception as e:  # a damaged pickle can raise nearly anything
+        raise CorruptCheckpoint(f".metadata does not unpickle: {e}", file=where,
+                                fix="the checkpoint is corrupt: re-create or re-copy it") from e
+    if not isinstance(md, dcp_md.Metadata) or not isinstance(md.storage_data, dict):
+        raise CorruptCheckpoint(".metadata does not hold a DCP Metadata object", file=where,
+                                fix="the checkpoint is corrupt: re-create it")
+    rel_tar = os.path.relpath(tar.data.resolve(), "/")
+    storage = {}
+    for key, info in md.storage_data.items():
+        if not isinstance(info, _StorageInfo) or not isinstance(info.relative_path, str):
+            raise CorruptCheckpoint(f"storage entry {info!r} is malformed", file=where,
+                                    fix="the checkpoint is corrupt: re-create it")
+        name = member_name(f"{folder}/{info.relative_path}")
+        m = tar.members.get(name)
+        if m is None or ".." in Path(info.relative_path).parts:
+            raise CorruptCheckpoint(f"chunk file {info.relative_path!r} is not in the .nemo", file=where,
+                                    tensor=getattr(key, "fqn", None), fix="re-create the .nemo with every file")
+        if not (isinstance(info.offset, int) and isinstance(info.length, int) and 0 <= info.offset
+                and 0 <= info.length and info.offset + info.length <= m.size):
+            raise CorruptCheckpoint(f"chunk bytes {info.offset}..{info.offset + info.length} lie outside "
+                                    f"the {m.size}-byte member", file=m, tensor=getattr(key, "fqn", None),
+                                    fix="the .nemo is truncated or corrupt: re-copy it")
+        storage[key] = _StorageInfo(rel_tar, m.offset + info.offset, info.length)
+    md.storage_data = storage
+    try:
+        return dcp._index_from(md, Path("/"), Path(str(where)))
+    except CorruptCheckpoint:
+        raise
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError, RuntimeError, pickle.PickleError) as e:
+        raise CorruptCheckpoint(f".metadata holds malformed values ({type(e).__name__}: {str(e)[:200]})",
+                                file=where, fix="the checkpoint is corrupt: re-create or re-copy it") from e
