@@ -232,6 +232,10 @@ def test_reads_dist_ckpt_models(src: Path, hf_state: dict, tmp_path: Path, tp: i
     for source, out in ((directory, tmp_path / "from_dir"), (packed, tmp_path / "from_tar")):
         hfnemo.convert(source, out)
         assert _same(load_hf_state(out), hf_state)
+    for source in (directory, packed):  # inspect counts the dist-ckpt chunks as the weights
+        info = hfnemo.inspect(source)
+        chunk_bytes = sum(t.numel() * t.element_size() for t in hf_state.values())
+        assert info.weight_bytes >= chunk_bytes > 0, (source, info.weight_bytes)
     again = tmp_path / "again.nemo"  # reshard a dist-ckpt .nemo into a per-rank one
     hfnemo.reshard(packed, again, tp=2)
     hfnemo.convert(again, tmp_path / "from_again")

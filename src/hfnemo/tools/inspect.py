@@ -357,6 +357,13 @@ def _inspect_nemo2(p: Path, info: ModelInfo) -> None:
     _tokenizer(info, ctx.tokenizer_dir)
 
 
+def _legacy_weight_bytes(ckpt) -> int:
+    """Bytes of the weights: the rank files, or a dist-ckpt model's chunks (no rank files)."""
+    if getattr(ckpt, "dist", None) is not None:
+        return sum(c.length for t in ckpt.dist.tensors.values() for c in t.chunks)
+    return sum(_member_size(f) for f in ckpt.files.values())
+
+
 def _inspect_legacy(p: Path, info: ModelInfo) -> None:
     from hfnemo import api
     from hfnemo.io import legacy
@@ -375,7 +382,7 @@ def _inspect_legacy(p: Path, info: ModelInfo) -> None:
                 shapes[f"{rank}/{k}"] = v
         info.notes.append("parameters counted per rank file (TP shards not re-assembled)")
         _count(info, ((n, d, s) for n, (d, s) in shapes.items()))
-        info.weight_bytes = sum(_member_size(f) for f in ckpt.files.values())
+        info.weight_bytes = _legacy_weight_bytes(ckpt)
         side = ckpt.side_files
     else:
         ckpt, spec = m["ckpt"], m["spec"]
@@ -391,7 +398,7 @@ def _inspect_legacy(p: Path, info: ModelInfo) -> None:
         srcs = m["sources"]
         _count(info, ((n, s.dtype, s.shape) for n, s in srcs.items()))
         _embedding_rows(info, {n: s.shape for n, s in srcs.items()})
-        info.weight_bytes = sum(_member_size(f) for f in ckpt.files.values())
+        info.weight_bytes = _legacy_weight_bytes(ckpt)
         side = ckpt.side_files
     close = getattr(getattr(ckpt, "tar", None), "close", None)
     if close is not None:  # a .nemo's extracted artifacts
