@@ -4,8 +4,10 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
+PEER_VENV  := .venv-peer
+PEER_STAMP := $(PEER_VENV)/.installed
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test venv clean bench test-peer peer-venv
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -22,8 +24,23 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VPY) -m hfnemo.demo demo-out
 
-test: $(STAMP)
-	$(VPY) -m pytest -q $(PYTEST_ARGS)
+# make test includes the peer lane (tests/test_peer_conformance.py, ~1 min): it installs NVIDIA's
+# NeMo into .venv-peer first (~1.6 min and 2.4 GB, once; cached). PEER=0 skips both; without
+# .venv-peer the lane's tests skip themselves.
+PEER ?= 1
+test: $(STAMP) $(if $(filter 0,$(PEER)),,$(PEER_STAMP))
+	$(if $(filter 0,$(PEER)),HFNEMO_SKIP_PEER=1 ,)$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+# NVIDIA NeMo 2.5.3 + megatron-core 0.14 on CPU (tools/peer/): the oracle of the peer lane.
+$(PEER_STAMP): tools/peer/install.sh tools/peer/constraints-nemo.txt tools/peer/patch_modelopt.py
+	bash tools/peer/install.sh $(PEER_VENV)
+	touch $(PEER_STAMP)
+
+peer-venv: $(PEER_STAMP)
+
+# hfnemo against NVIDIA's own importer, exporter and megatron-core's loader, on this machine.
+test-peer: $(STAMP) $(PEER_STAMP)
+	$(VPY) -m pytest -q tests/test_peer_conformance.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VPY) benchmarks/bench_convert.py
