@@ -25,10 +25,15 @@ demo: $(STAMP)
 	$(VPY) -m hfnemo.demo demo-out
 
 # make test includes the peer lane (tests/test_peer_conformance.py, ~1 min): it installs NVIDIA's
-# NeMo into .venv-peer first (~1.6 min and 2.4 GB, once; cached). PEER=0 skips both; without
-# .venv-peer the lane's tests skip themselves.
+# NeMo into .venv-peer first (~1.6 min and 2.4 GB, once; cached). PEER=0 skips both. An install
+# that fails (no index reachable, say) does not fail make test: it is logged to .venv-peer.log and
+# the lane's tests skip themselves, as they do without a complete .venv-peer (no .installed stamp).
 PEER ?= 1
-test: $(STAMP) $(if $(filter 0,$(PEER)),,$(PEER_STAMP))
+test: $(STAMP)
+	@if [ "$(PEER)" != "0" ] && [ ! -f $(PEER_STAMP) ]; then \
+	  echo "make test: installing NVIDIA NeMo into $(PEER_VENV) for the peer lane (log: .venv-peer.log)"; \
+	  ( bash tools/peer/install.sh $(PEER_VENV) > .venv-peer.log 2>&1 && touch $(PEER_STAMP) ) || \
+	  echo "make test: the NeMo install failed (see .venv-peer.log); the peer lane will skip"; fi
 	$(if $(filter 0,$(PEER)),HFNEMO_SKIP_PEER=1 ,)$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 # NVIDIA NeMo 2.5.3 + megatron-core 0.14 on CPU (tools/peer/): the oracle of the peer lane.
