@@ -25,6 +25,8 @@ from hfnemo.dtypes import parse_dtype
 from hfnemo.errors import ConfigError, ConversionError, InsufficientDisk, OutputExists, UsageError
 from hfnemo.exec.executor import execute
 from hfnemo.exec.sinks import DcpSink, SafetensorsSink, TorchSaveSink
+from hfnemo.exec.staging import run_staged
+from hfnemo.io.fileio import OutFile
 from hfnemo.exec.sources import RowReader, dcp_sources, hf_sources
 from hfnemo.io import hf as hfio
 from hfnemo.io import legacy
@@ -58,6 +60,7 @@ class Report:
     max_memory_bytes: int
     files: list[str] = field(default_factory=list)
     budget: dict[str, int] = field(default_factory=dict)
+    resumed_bytes: int = 0  # tensor bytes an interrupted run had written (verified and kept)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -352,6 +355,7 @@ def _write_import_extras(job: _Job, staging: Path) -> None:
     shutil.copyfile((job.extra.get("side") or {}).get(legacy.HF_CONFIG, cfg.path),
                     staging / "context" / HF_CONFIG_SIDECAR)
 
+
 def _ref(dotted: str) -> PyRef:
     mod, name = dotted.rsplit(".", 1)
     return PyRef(mod, name)
@@ -446,7 +450,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             max_memory: int | str | None = None, max_shard_size: int | str | None = None,
             overwrite: bool = False, progress: ProgressFn | None = None, tp: int = 1, pp: int = 1,
             ep: int = 1, device: str = "auto", threads: int | None = None, format: str = "nemo2",
-            overrides: dict[str, Any] | list[str] | None = None) -> Report:
+            overrides: dict[str, Any] | list[str] | None = None, restart: bool = False) -> Report:
     """Convert ``src`` (HF directory or NeMo 2 checkpoint) into ``dst``, streaming within ``max_memory``.
 
     Args:
@@ -460,6 +464,8 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
         max_memory: peak memory of the process, bytes or a size like "1GiB" (default 2GiB).
         max_shard_size: HF output shard size (default 5GB).
         overwrite: replace an existing dst.
+        restart: discard what an interrupted run left in the staging directory beside dst; without
+            it, a re-run of the same conversion verifies that work and resumes from it.
         progress: called with (bytes_done, bytes_total) after each block.
         tp, pp, ep: NeMo output cut into the chunks Megatron reads at this tensor/pipeline/expert
             parallelism (checked against heads, layers and experts before anything is written).
@@ -489,7 +495,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             raise UsageError(f"{dst} names a NeMo 1 .nemo file, but {src} is already a NeMo checkpoint", file=dst,
                              fix=f"use `hfnemo reshard {src} {dst}` to repack a NeMo checkpoint as a .nemo")
         return _run_tar(job, dst, overwrite, progress, device, threads)
-    return _run(job, dst, overwrite, progress, device, threads)
+    return _run(job, dst, overwrite, progress, device, threads, restart)
 
 
 def _run_tar(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn | None, device: str,
@@ -555,7 +561,7 @@ def _run_tar(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn |
 
 
 def _run(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn | None, device: str,
-         threads: int | None) -> Report:
+         threads: int | None, restart: bool = False) -> Report:
     t0 = time.perf_counter()
     dst = Path(dst).expanduser()
     plan = job.plan
@@ -567,22 +573,12 @@ def _run(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn | Non
             list(plan.items), {s.name: s for s in plan.sources},
             Budget(max_memory=int(plan.budget["max_memory"]), baseline=current_rss(), device=True)))
     try:
+        # Preflight (nothing written before it passes), the journaled staging directory beside dst,
+        # the manifest, the atomic rename: hfnemo.exec.staging.
         _check_output(job.src, dst, overwrite)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(dst.parent).free
-        if free < plan.write_bytes + (64 << 20):
-            raise InsufficientDisk(f"the output needs {plan.write_bytes} bytes but only {free} are free",
-                                   file=dst.parent, fix="free disk space or choose another output disk")
-        staging = dst.with_name(f".{dst.name}.hfnemo-partial")
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir()
-        try:
-            _execute_into(job, staging, dst, progress, kernels)
-            _publish(staging, dst)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        resumed = run_staged(plan, job.src, dst, getattr(job.reader, "index", None), restart,
+                             lambda staging, journal: _execute_into(job, staging, dst, progress, kernels, journal),
+                             _publish)
     finally:
         job.reader.close()
     seconds = time.perf_counter() - t0
@@ -590,27 +586,34 @@ def _run(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn | Non
                   tensors=len(plan.items), bytes_read=plan.read_bytes, bytes_written=plan.write_bytes,
                   seconds=seconds, gb_per_s=plan.write_bytes / seconds / 1e9 if seconds else 0.0,
                   peak_rss_bytes=peak_rss(), max_memory_bytes=int(plan.budget["max_memory"]),
-                  files=list(plan.files), budget=dict(plan.budget))
+                  files=list(plan.files), budget=dict(plan.budget), resumed_bytes=resumed)
 
 
-def _execute_into(job: _Job, staging: Path, dst: Path, progress: ProgressFn | None, kernels: Any) -> None:
-    """Stream the plan into the sink its target format needs, then write the side files."""
+def _execute_into(job: _Job, staging: Path, dst: Path, progress: ProgressFn | None, kernels: Any,
+                  journal: Any = None) -> None:
+    """Stream the plan into the sink its target format needs, then write the side files. With a
+    journal (hfnemo.exec.journal), files open through it and a previous run's bytes are kept."""
     plan = job.plan
     fmt = job.extra.get("format", "nemo2")
+    opener = journal.open if journal is not None else OutFile
     if plan.direction == "nemo_to_hf":
-        sink: Any = SafetensorsSink(plan, staging)
+        sink: Any = SafetensorsSink(plan, staging, opener)
         finish = sink.finish
     elif fmt == "nemo2":
-        sink = DcpSink(plan, staging / "weights")
+        sink = DcpSink(plan, staging / "weights", opener)
         finish = lambda: sink.finish(checkpoint_id=str(dst / "weights"))  # noqa: E731
     else:
         wrap = (legacy.megatron_wrap(_megatron_args(job)) if fmt == "megatron" else lambda f, sd: sd)
-        sink = TorchSaveSink(plan, staging, wrap)
+        sink = TorchSaveSink(plan, staging, wrap, opener)
         finish = sink.finish
     try:
-        execute(plan, job.reader, sink, progress=progress, kernels=kernels)
+        execute(plan, job.reader, sink, progress=progress, kernels=kernels, journal=journal)
+        if journal is not None:
+            journal.flush()  # the tensor data is on disk: a crash from here on replays it all
         finish()
     except BaseException:
+        if journal is not None:
+            journal.stop(save=True)  # before abort() closes the files it fsyncs
         sink.abort()
         raise
     if plan.direction == "nemo_to_hf":
@@ -704,6 +707,7 @@ def _plan_export_legacy(src: Path, dtype: str, budget: Budget, max_shard: int) -
                 config=hfio.denormalise_config(hf_cfg, m["dialect"]), budget=budget_plan(items, sources, budget))
     return _Job(plan, RowReader(), src, {"spec": spec, "side": m["side"], "format": m["ckpt"].fmt,
                                          "ckpt": m["ckpt"]})  # a .nemo's ckpt holds its side files' scratch
+
 
 def _write_legacy_export_extras(job: _Job, staging: Path) -> None:
     plan = job.plan
@@ -872,7 +876,8 @@ def _plan_reshard(path: Path, fmt: str | None, dtype: str, budget: Budget, tp: i
 
 def reshard(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1, format: str | None = None,
             dtype: str | None = "auto", max_memory: int | str | None = None, overwrite: bool = False,
-            progress: ProgressFn | None = None, device: str = "auto", threads: int | None = None) -> Report:
+            progress: ProgressFn | None = None, device: str = "auto", threads: int | None = None,
+            restart: bool = False) -> Report:
     """Change the parallel layout (and optionally the format) of a NeMo 2, NeMo 1 or Megatron-LM
     checkpoint, streaming, without going through HF: every logical NeMo tensor is copied as is
     and cut for the new (tp, pp, ep). ``format`` defaults to the source's."""
@@ -889,7 +894,7 @@ def reshard(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1, ep: i
     job = _plan_reshard(path, format, _dtype(dtype), budget, tp, pp, ep)
     if tar:
         return _run_tar(job, dst, overwrite, progress, device, threads)
-    return _run(job, dst, overwrite, progress, device, threads)
+    return _run(job, dst, overwrite, progress, device, threads, restart)
 
 
 __all__ = ["convert", "plan", "reshard", "find_latest", "Report", "ConversionError"]

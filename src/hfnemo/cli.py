@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -43,6 +44,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", default="2GiB", help="peak process memory, e.g. 1GiB (default 2GiB)")
     p.add_argument("--max-shard-size", default="5GB", help="HF output shard size (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the work an interrupted run left beside the output (default: verify it and resume)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary on stderr")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks and details")
@@ -126,6 +129,7 @@ def _run_convert(args: argparse.Namespace, src: str, dst: str, to: str) -> int:
 
     kernels.WARN_FALLBACK = not args.quiet
     update, close = _progress(not args.quiet and sys.stderr.isatty())
+    old_term = _on_sigterm()
     try:
         if to == "reshard":
             from hfnemo.api import reshard
@@ -134,20 +138,40 @@ def _run_convert(args: argparse.Namespace, src: str, dst: str, to: str) -> int:
                 raise UsageError("--set overrides apply to import", fix="drop --set (reshard keeps the config)")
             report = reshard(src, dst, tp=args.tp, pp=args.pp, ep=args.ep, format=args.format, dtype=args.dtype,
                              max_memory=args.max_memory, overwrite=args.overwrite, progress=update,
-                             device=args.device, threads=args.threads)
+                             device=args.device, threads=args.threads, restart=args.restart)
         else:
             report = convert(src, dst, to=to, dtype=args.dtype, max_memory=args.max_memory,
                              max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=update,
                              tp=args.tp, pp=args.pp, ep=args.ep, device=args.device, threads=args.threads,
-                             format=getattr(args, "format", None) or "nemo2", overrides=getattr(args, "set", None))
+                             format=getattr(args, "format", None) or "nemo2", overrides=getattr(args, "set", None),
+                             restart=args.restart)
     finally:
         close()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    if report.resumed_bytes:
+        _say(args, f"resumed: {report.resumed_bytes / 1e9:.3f} GB an interrupted run had written were verified and kept")
     if args.json:
         print(json.dumps(report.to_json()))
     _say(args, f"{report.direction}: {report.tensors} tensors, {report.bytes_written / 1e9:.3f} GB in "
                f"{report.seconds:.1f} s ({report.gb_per_s:.2f} GB/s), peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB "
                f"-> {report.output}")
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the conversion stops with its journal consistent."""
+
+
+def _on_sigterm() -> Any:
+    """Turn SIGTERM into _Terminated while a conversion runs; returns the previous handler."""
+    def handler(signum: int, frame: object) -> None:
+        raise _Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (main() called from a thread)
+        return None
 
 
 def _kv(items: Sequence[str]) -> dict[str, str]:
@@ -288,9 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `hfnemo plan ... | head`
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print("hfnemo: interrupted; no output was published (the source is untouched)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        staging = getattr(e, "hfnemo_staging", None)
+        if staging is not None:
+            print(f"hfnemo: interrupted; no output was published (the source is untouched). The work done so "
+                  f"far is kept in {staging}: re-run the same command to resume, or pass --restart to start "
+                  "over", file=sys.stderr)
+        else:
+            print("hfnemo: interrupted; no output was published (the source is untouched)", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
     return 1
 
 

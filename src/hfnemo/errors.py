@@ -82,3 +82,16 @@ class OutputExists(ConversionError):
 
 class InsufficientDisk(ConversionError):
     """Not enough free space for the planned output."""
+
+
+class OutputNotWritable(ConversionError):
+    """The output's directory cannot be created or written (permissions, read-only filesystem)."""
+
+
+class WriteFailed(ConversionError):
+    """An I/O error (disk full, file too large, device error) while the output was being written.
+    The staging directory and its journal are kept: the same command resumes."""
+
+
+class ResumeMismatch(ConversionError):
+    """The staging directory beside the output holds an interrupted conversion of something else."""

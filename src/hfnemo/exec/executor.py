@@ -21,7 +21,18 @@ from hfnemo.plan.planner import source_row_bytes, widest_row
 class Sink(Protocol):
     def begin(self, item: OutputItem) -> None: ...
     def write(self, item: OutputItem, data: memoryview) -> None: ...
+    def skip(self, item: OutputItem, n: int, crc: int | None) -> None: ...
+    def crc(self) -> int | None: ...
     def end(self, item: OutputItem) -> None: ...
+
+
+class Journal(Protocol):
+    """What the executor needs of hfnemo.exec.journal.Journal."""
+
+    start: tuple[int, int]
+    def item_crc(self, index: int) -> int | None: ...
+    def after_block(self, index: int, r1: int, last: bool, crc: int | None, nbytes: int,
+                    done: int) -> None: ...
 
 
 Progress = Callable[[int, int], None]
@@ -47,13 +58,16 @@ class _Slot:
         self.stage2 = torch.empty(block_bytes, dtype=torch.uint8) if n_buffers > 2 else None
 
 
-def _blocks(items: tuple[OutputItem, ...], sources: dict[str, SourceTensor], block_bytes: int) -> Iterator[_Block]:
-    for idx, it in enumerate(items):
+def _blocks(items: tuple[OutputItem, ...], sources: dict[str, SourceTensor], block_bytes: int,
+            start: tuple[int, int] = (0, 0)) -> Iterator[_Block]:
+    """Row blocks of every item from ``start`` = (item index, first row) on."""
+    for idx in range(start[0], len(items)):
+        it = items[idx]
         step = max(1, block_bytes // max(widest_row(it, sources), 1))
         if it.rows == 0:
             yield _Block(it, idx, 0, 0, True, True)
             continue
-        for r0 in range(0, it.rows, step):
+        for r0 in range(start[1] if idx == start[0] else 0, it.rows, step):
             r1 = min(it.rows, r0 + step)
             yield _Block(it, idx, r0, r1, r0 == 0, r1 == it.rows)
 
@@ -106,9 +120,33 @@ def _fill(block: _Block, slot: _Slot, reader: RowReader, sources: dict[str, Sour
     return (block.r1 - block.r0) * row_bytes
 
 
+def _replay(items: tuple[OutputItem, ...], sink: Sink, journal: Journal) -> int:
+    """Walk the sink through the part of the plan a previous run finished (``journal.start``):
+    the same begin/end calls, with skip() for the bytes already on disk. Returns those bytes."""
+    idx, row = journal.start
+    done = 0
+    for i in range(idx):
+        it = items[i]
+        sink.begin(it)
+        if it.nbytes:
+            sink.skip(it, it.nbytes, journal.item_crc(i))
+        sink.end(it)
+        done += it.nbytes
+    if row:
+        it = items[idx]
+        n = row * it.row_elems * BY_NAME[it.dtype].itemsize
+        sink.begin(it)
+        sink.skip(it, n, journal.item_crc(-1))
+        done += n
+    return done
+
+
 def execute(plan: Plan, reader: RowReader, sink: Sink, *, progress: Progress | None = None,
-            kernels: Backend | None = None) -> dict[str, float]:
-    """Run every item of the plan through ``sink``; returns timing counters."""
+            kernels: Backend | None = None, journal: Journal | None = None) -> dict[str, float]:
+    """Run every item of the plan through ``sink``; returns timing counters.
+
+    With a ``journal``, the part of the plan it says is on disk is replayed (no reads), the rest is
+    produced, and the journal hears of every finished block (it commits progress now and then)."""
     kernels = kernels or get_backend("auto")
     sources = {s.name: s for s in plan.sources}
     block_bytes = int(plan.budget["block_bytes"])
@@ -124,6 +162,10 @@ def execute(plan: Plan, reader: RowReader, sink: Sink, *, progress: Progress | N
     free = deque(range(depth))
     total = plan.write_bytes
     done = 0
+    start = (0, 0)
+    if journal is not None:
+        start = journal.start
+        done = _replay(plan.items, sink, journal)
     t0 = time.perf_counter()
     wait_s = 0.0
     inflight: deque[tuple[_Block, int, Future[int]]] = deque()
@@ -138,16 +180,19 @@ def execute(plan: Plan, reader: RowReader, sink: Sink, *, progress: Progress | N
             sink.begin(block.item)
         if n:
             sink.write(block.item, memoryview(slots[slot_id].out.numpy())[:n])
+        crc = sink.crc() if journal is not None else None
         if block.last:
             sink.end(block.item)
         free.append(slot_id)
         done += n
+        if journal is not None:
+            journal.after_block(block.index, block.r1, block.last, crc, n, done)
         if progress:
             progress(done, total)
 
     with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="hfnemo-read") as pool:
         try:
-            for block in _blocks(plan.items, sources, block_bytes):
+            for block in _blocks(plan.items, sources, block_bytes, start):
                 if not free:
                     drain_one()
                 slot_id = free.popleft()

@@ -1,14 +1,19 @@
-"""Sinks: where the executor's row blocks go (DCP chunks, safetensors shards, legacy rank files)."""
+"""Sinks: where the executor's row blocks go (DCP chunks, safetensors shards, legacy rank files).
+
+Every sink takes an ``opener(path) -> OutFile`` for its files and, besides begin/write/end, has
+``skip(item, n, crc)`` (``n`` bytes of the item are already in the file: a resumed run replays the
+finished part of the plan through it) and ``crc()`` (the CRC-32 of the open torch.save record so
+far, which the journal keeps so that a replayed archive can still write its central directory).
+"""
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
 from hfnemo.dtypes import BY_NAME
 from hfnemo.io.dcp import DcpWriter, _ChunkHandle
-from hfnemo.io.fileio import write_all
+from hfnemo.io.fileio import OutFile
 from hfnemo.io.torchzip import ArchiveWriter, state_pickle, tensor_stub
 from hfnemo.io.safetensors import ShardWriter
 from hfnemo.plan.plan import OutputItem, Plan
@@ -17,8 +22,8 @@ from hfnemo.plan.plan import OutputItem, Plan
 class DcpSink:
     """Each OutputItem is one DCP chunk: a torch.save archive streamed into its .distcp file."""
 
-    def __init__(self, plan: Plan, weights_dir: Path) -> None:
-        self.writer = DcpWriter(weights_dir, len(plan.files))
+    def __init__(self, plan: Plan, weights_dir: Path, opener: Callable[[Path], OutFile] = OutFile) -> None:
+        self.writer = DcpWriter(weights_dir, len(plan.files), opener=opener)
         self.files = list(plan.files)
         chunks: dict[str, list[OutputItem]] = {}
         for it in plan.items:
@@ -39,6 +44,12 @@ class DcpSink:
     def write(self, item: OutputItem, data: memoryview) -> None:
         self._handle.write(data)
 
+    def skip(self, item: OutputItem, n: int, crc: int | None) -> None:
+        self._handle.skip(n, crc)
+
+    def crc(self) -> int | None:
+        return self._handle.archive.data_crc if self._handle is not None else None
+
     def end(self, item: OutputItem) -> None:
         self._handle.finish()
         self._handle = None
@@ -53,8 +64,9 @@ class DcpSink:
 class SafetensorsSink:
     """Items are grouped by shard in plan order; each shard's header is written before its data."""
 
-    def __init__(self, plan: Plan, out_dir: Path) -> None:
+    def __init__(self, plan: Plan, out_dir: Path, opener: Callable[[Path], OutFile] = OutFile) -> None:
         self.out_dir = out_dir
+        self.opener = opener
         self.by_file: dict[str, list[OutputItem]] = {}
         for it in plan.items:
             self.by_file.setdefault(it.file, []).append(it)
@@ -65,21 +77,24 @@ class SafetensorsSink:
         if item.file != self._file:
             self._close()
             entries = [(i.key, BY_NAME[i.dtype], i.shape) for i in self.by_file[item.file]]
-            self._shard = ShardWriter(self.out_dir / item.file, entries, {"format": "pt"})
+            self._shard = ShardWriter(self.out_dir / item.file, entries, {"format": "pt"}, self.opener)
             self._file = item.file
 
     def write(self, item: OutputItem, data: memoryview) -> None:
         self._shard.write(data)
+
+    def skip(self, item: OutputItem, n: int, crc: int | None) -> None:
+        self._shard.skip(n)
+
+    def crc(self) -> int | None:
+        return None
 
     def end(self, item: OutputItem) -> None:
         pass
 
     def _close(self) -> None:
         if self._shard is not None:
-            fd = os.open(self._shard.path, os.O_RDONLY)
-            self._shard.close()
-            os.fsync(fd)
-            os.close(fd)
+            self._shard.close(sync=True)
             self._shard = None
 
     def finish(self) -> None:
@@ -88,15 +103,12 @@ class SafetensorsSink:
         for fname, items in self.by_file.items():
             if not (self.out_dir / fname).exists():
                 w = ShardWriter(self.out_dir / fname, [(i.key, BY_NAME[i.dtype], i.shape) for i in items],
-                                {"format": "pt"})
-                w.close()
+                                {"format": "pt"}, self.opener)
+                w.close(sync=True)
 
     def abort(self) -> None:
         if self._shard is not None:
-            try:
-                os.close(self._shard._fd)
-            except OSError:
-                pass
+            self._shard.abort()
             self._shard = None
 
 
@@ -110,14 +122,16 @@ class TorchSaveSink:
     (NeMo 1) or Megatron-LM's ``{"args", "checkpoint_version", "iteration", "model"}``.
     """
 
-    def __init__(self, plan: Plan, out_dir: Path, wrap: Callable[[str, "OrderedDict[str, object]"], object]) -> None:
+    def __init__(self, plan: Plan, out_dir: Path, wrap: Callable[[str, "OrderedDict[str, object]"], object],
+                 opener: Callable[[Path], OutFile] = OutFile) -> None:
         self.out_dir = out_dir
         self.wrap = wrap
+        self.opener = opener
         self.by_file: dict[str, list[OutputItem]] = {f: [] for f in plan.files}
         for it in plan.items:
             self.by_file.setdefault(it.file, []).append(it)
         self._file: str | None = None
-        self._fd: int | None = None
+        self._out: OutFile | None = None
         self._archive: ArchiveWriter | None = None
         self._keys: dict[int, str] = {}  # id(item) -> storage key in the open file
         self.done: list[str] = []
@@ -135,18 +149,16 @@ class TorchSaveSink:
         self._keys = {id(it): k for it, (k, _) in zip(items, storages)}
         path = self.out_dir / fname
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        fd = self._fd
-        self._archive = ArchiveWriter(lambda b: write_all(fd, b), pkl, None)
+        self._out = self.opener(path)
+        self._archive = ArchiveWriter(self._out.write, pkl, None, self._out.skip)
         self._file = fname
 
     def _close(self) -> None:
         if self._archive is not None:
             self._archive.finish()
-            os.fsync(self._fd)
-            os.close(self._fd)
+            self._out.close(sync=True)
             self.done.append(self._file)
-            self._archive, self._fd, self._file = None, None, None
+            self._archive, self._out, self._file = None, None, None
 
     def begin(self, item: OutputItem) -> None:
         if item.file != self._file:
@@ -156,6 +168,12 @@ class TorchSaveSink:
 
     def write(self, item: OutputItem, data: memoryview) -> None:
         self._archive.write(data)
+
+    def skip(self, item: OutputItem, n: int, crc: int | None) -> None:
+        self._archive.skip(n, crc)
+
+    def crc(self) -> int | None:
+        return self._archive.data_crc if self._archive is not None else None
 
     def end(self, item: OutputItem) -> None:
         self._archive.end_record()
@@ -168,9 +186,6 @@ class TorchSaveSink:
                 self._close()
 
     def abort(self) -> None:
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-        self._archive, self._fd, self._file = None, None, None
+        if self._out is not None:
+            self._out.abort()
+        self._archive, self._out, self._file = None, None, None

@@ -9,12 +9,14 @@ unpickled except their tiny ``data.pkl``, through torchzip's restricted unpickle
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.distributed.checkpoint import metadata as dcp_md
@@ -22,7 +24,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from hfnemo.dtypes import BY_TORCH, DType
 from hfnemo.errors import CorruptCheckpoint
-from hfnemo.io.fileio import write_all
+from hfnemo.io.fileio import OutFile
 from hfnemo.io.torchzip import ArchiveWriter, StoredTensor, locate_tensor, tensor_pickle
 
 
@@ -214,13 +216,17 @@ class ChunkLocator:
 # ----------------------------------------------------------------------------------- writing
 
 class DcpWriter:
-    """Writes ``__0_<i>.distcp`` files item by item, then ``.metadata`` last."""
+    """Writes ``__0_<i>.distcp`` files item by item, then ``.metadata`` last.
 
-    def __init__(self, weights_dir: str | Path, n_files: int, prefix: str = "__0_") -> None:
+    ``opener(path)`` opens each data file (default: a fresh :class:`OutFile`; the resume journal
+    passes one that keeps the bytes a previous run wrote)."""
+
+    def __init__(self, weights_dir: str | Path, n_files: int, prefix: str = "__0_",
+                 opener: Callable[[Path], OutFile] = OutFile) -> None:
         self.root = Path(weights_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.names = [f"{prefix}{i}.distcp" for i in range(n_files)]
-        self.fds = [os.open(self.root / n, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for n in self.names]
+        self.files = [opener(self.root / n) for n in self.names]
         self.pos = [0] * n_files
         self.state_dict_metadata: dict[str, object] = {}
         self.storage_data: dict[dcp_md.MetadataIndex, _StorageInfo] = {}
@@ -239,7 +245,7 @@ class DcpWriter:
 
     def write_bytes(self, key: str, payload: bytes, file: int) -> None:
         start = self.pos[file]
-        self.pos[file] += write_all(self.fds[file], payload)
+        self.pos[file] += self.files[file].write(payload)
         self.storage_data[dcp_md.MetadataIndex(key)] = _StorageInfo(self.names[file], start, len(payload))
 
     def begin_tensor(self, fqn: str, offsets: tuple[int, ...], dtype: DType, shape: tuple[int, ...],
@@ -247,21 +253,22 @@ class DcpWriter:
         return _ChunkHandle(self, fqn, offsets, dtype, shape, file)
 
     def finish(self, checkpoint_id: str) -> None:
-        for fd in self.fds:
-            os.fsync(fd)
-            os.close(fd)
-        self.fds = []
+        for f in self.files:
+            f.close(sync=True)
         tensor_keys = [k for k, v in self.state_dict_metadata.items()
                        if isinstance(v, dcp_md.TensorStorageMetadata)]
         md = dcp_md.Metadata(
             state_dict_metadata=self.state_dict_metadata,
             planner_data=None,
             storage_data=self.storage_data,
-            storage_meta=dcp_md.StorageMeta(checkpoint_id=checkpoint_id, save_id=str(uuid.uuid4()), load_id=None),
+            storage_meta=dcp_md.StorageMeta(checkpoint_id=checkpoint_id, save_id="", load_id=None),
         )
         # Megatron's loaders read per-key mcore_data with getattr(md, "mcore_data", {}); NVIDIA's
         # importer writes an empty dict per tensor key, so we do too.
         md.mcore_data = {k: {} for k in tensor_keys}
+        # torch writes a random save_id; ours is a uuid4-shaped digest of the rest of the metadata,
+        # so that a rerun (or a resumed run) writes the same bytes.
+        md.storage_meta.save_id = str(uuid.UUID(bytes=hashlib.sha256(pickle.dumps(md)).digest()[:16], version=4))
         tmp = self.root / ".metadata.tmp"
         with open(tmp, "wb") as f:
             pickle.dump(md, f)
@@ -270,9 +277,8 @@ class DcpWriter:
         os.replace(tmp, self.root / ".metadata")
 
     def abort(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
+        for f in self.files:
+            f.abort()
 
 
 class _ChunkHandle:
@@ -280,14 +286,17 @@ class _ChunkHandle:
                  shape: tuple[int, ...], file: int) -> None:
         self.w, self.fqn, self.offsets, self.file = w, fqn, offsets, file
         self.start = w.pos[file]
-        fd = w.fds[file]
+        f = w.files[file]
         nbytes = dtype.itemsize
         for s in shape:
             nbytes *= s
-        self.archive = ArchiveWriter(lambda b: write_all(fd, b), tensor_pickle(dtype, shape), nbytes)
+        self.archive = ArchiveWriter(f.write, tensor_pickle(dtype, shape), nbytes, f.skip)
 
     def write(self, block: memoryview | bytes) -> None:
         self.archive.write(block)
+
+    def skip(self, n: int, crc: int | None) -> None:
+        self.archive.skip(n, crc)
 
     def finish(self) -> None:
         length = self.archive.finish()

@@ -7,8 +7,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
+
+import xxhash
 
 from hfnemo.errors import CorruptCheckpoint
+
+# Fault injection for tests and benchmarks/bench_faults.py: called as hook(event, file, nbytes)
+# before every OutFile write ("write") and at the journal's and publisher's named points (file
+# None). It may raise (an injected OSError) or kill the process; None in normal runs.
+FAULT_HOOK: Callable[[str, "OutFile | None", int], None] | None = None
+
+
+def fault_point(event: str) -> None:
+    if FAULT_HOOK is not None:
+        FAULT_HOOK(event, None, 0)
 
 
 def pread_into(fd: int, buf: memoryview, offset: int, *, path: str | Path = "?") -> None:
@@ -33,6 +46,84 @@ def write_all(fd: int, data: memoryview | bytes) -> int:
     while done < len(view):
         done += os.write(fd, view[done:])
     return done
+
+
+class ReplayMismatch(Exception):
+    """A resumed file's kept bytes do not match what the replay of the plan produces."""
+
+
+class OutFile:
+    """An output file written append-only, hashed (xxh3_64) as the bytes pass.
+
+    ``keep`` bytes already on disk (a resumed file; ``hasher`` has hashed them) are not written
+    again: while the position is below ``keep`` writes only advance it, so that a writer can
+    replay its whole sequence of writes and continue where the file ends. Every write error
+    carries the file's path in ``filename``.
+    """
+
+    def __init__(self, path: str | Path, rel: str | None = None, keep: int = 0,
+                 hasher: "xxhash.xxh3_64 | None" = None,
+                 on_write: Callable[["OutFile"], None] | None = None) -> None:
+        self.path = str(path)
+        self.rel = rel or Path(path).name
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | (0 if keep else os.O_TRUNC)
+        self.fd = os.open(self.path, flags, 0o644)
+        if keep:
+            os.lseek(self.fd, keep, os.SEEK_SET)
+        self.keep = keep
+        self.size = 0
+        self.h = hasher if hasher is not None else xxhash.xxh3_64()
+        self.on_write = on_write
+        self.closed = False
+        self.dir_synced = bool(keep)  # a kept file's directory entry is already durable
+
+    def write(self, data: memoryview | bytes) -> int:
+        view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+        n = len(view)
+        if self.size < self.keep:
+            return self.skip(n)
+        if FAULT_HOOK is not None:
+            FAULT_HOOK("write", self, n)
+        try:
+            write_all(self.fd, view)
+        except OSError as e:
+            e.filename = e.filename or self.path
+            raise
+        self.h.update(view)
+        self.size += n
+        if self.on_write is not None:
+            self.on_write(self)
+        return n
+
+    def skip(self, n: int) -> int:
+        """``n`` bytes that the file already holds (a replay)."""
+        if self.size + n > self.keep:
+            raise ReplayMismatch(f"{self.rel}: replay reaches byte {self.size + n}, {self.keep} were kept")
+        self.size += n
+        return n
+
+    def digest(self) -> str:
+        return f"{self.h.intdigest():016x}"
+
+    def close(self, sync: bool = True) -> None:
+        """fsync (by default) and close; idempotent."""
+        if self.closed:
+            return
+        try:
+            if sync:
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+            self.closed = True
+
+    def abort(self) -> None:
+        """Close without syncing, ignoring errors (the error path)."""
+        if not self.closed:
+            self.closed = True
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
 
 
 class FileCache:

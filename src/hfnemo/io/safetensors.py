@@ -11,10 +11,11 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from hfnemo.dtypes import BY_SAFETENSORS, DType
 from hfnemo.errors import CorruptCheckpoint
-from hfnemo.io.fileio import write_all
+from hfnemo.io.fileio import OutFile
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -139,22 +140,31 @@ def header_bytes(entries: list[tuple[str, DType, tuple[int, ...]]], metadata: di
 
 
 class ShardWriter:
-    """Writes one safetensors file incrementally: header first, then each tensor's bytes in order."""
+    """Writes one safetensors file incrementally: header first, then each tensor's bytes in order.
+
+    ``opener(path)`` opens the file (default: a fresh :class:`OutFile`; on resume, one that keeps
+    the bytes already written, which ``skip`` then accounts for)."""
 
     def __init__(self, path: str | Path, entries: list[tuple[str, DType, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, opener: Callable[[Path], OutFile] = OutFile) -> None:
         self.path = str(path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.file = opener(Path(path))
         head = header_bytes(entries, metadata)
-        write_all(self._fd, head)
+        self.file.write(head)
         self.expected_bytes = len(head) + sum(_numel(s) * d.itemsize for _, d, s in entries)
         self.written = len(head)
 
     def write(self, data: memoryview | bytes) -> None:
-        self.written += write_all(self._fd, data)
+        self.written += self.file.write(data)
 
-    def close(self) -> None:
-        os.close(self._fd)
+    def skip(self, n: int) -> None:
+        self.written += self.file.skip(n)
+
+    def close(self, sync: bool = False) -> None:
+        self.file.close(sync=sync)
         if self.written != self.expected_bytes:
             raise CorruptCheckpoint(f"wrote {self.written} bytes, planned {self.expected_bytes}", file=self.path,
                                     fix="this is a bug in hfnemo: please report it")
+
+    def abort(self) -> None:
+        self.file.abort()

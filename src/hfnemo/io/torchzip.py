@@ -23,7 +23,7 @@ from typing import Callable
 
 from hfnemo.dtypes import BY_STORAGE, DType
 from hfnemo.errors import CorruptCheckpoint
-from hfnemo.io.fileio import pread_into
+from hfnemo.io.fileio import ReplayMismatch, pread_into
 
 ALIGN = 64
 ARCHIVE = "archive"  # torch.save names the archive folder after the file; a stream gets "archive"
@@ -177,10 +177,15 @@ class ArchiveWriter:
 
     An archive of many tensors (a state dict): ``ArchiveWriter(sink, pkl, None)``, then for every
     storage in key order ``begin_record(key, size)``, ``write(...)``, ``end_record()``.
+
+    Resume: ``skip(n, crc)`` stands for ``n`` data bytes the file already holds (``skip_sink(n)``
+    accounts for them) whose CRC-32 up to that point was ``crc`` (kept in the journal).
     """
 
-    def __init__(self, sink: Callable[[bytes | memoryview], object], pkl: bytes, data_size: int | None) -> None:
+    def __init__(self, sink: Callable[[bytes | memoryview], object], pkl: bytes, data_size: int | None,
+                 skip_sink: Callable[[int], object] | None = None) -> None:
         self.sink = sink
+        self.skip_sink = skip_sink
         self.pos = 0
         self.central: list[bytes] = []
         self._crcs: list[int] = []
@@ -229,6 +234,22 @@ class ArchiveWriter:
         rec[2] = zlib.crc32(view, rec[2])
         self._emit(view)
         rec[1] += len(view)
+
+    @property
+    def data_crc(self) -> int | None:
+        """CRC-32 of the open storage record's bytes so far (None when no record is open)."""
+        return self._rec[2] if self._rec is not None else None
+
+    def skip(self, n: int, crc: int) -> None:
+        """``n`` bytes of the open record are already written (resume); ``crc`` covers the record so far."""
+        if self.skip_sink is None or self._rec is None:
+            raise AssertionError("skip() needs a skip_sink and an open record")
+        if crc is None:
+            raise ReplayMismatch("the journal has no CRC for a record the archive still needs")
+        self.skip_sink(n)
+        self.pos += n
+        self._rec[1] += n
+        self._rec[2] = crc
 
     def end_record(self) -> None:
         size, done, crc = self._rec
