@@ -57,7 +57,7 @@ def ck(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("dtype", ["auto", "fp32"])
 def test_iter_tensors_to_hf(ck: dict, src: str, dtype: str) -> None:
     want = load_hf_state(ck["hf"])
-    got = list(hfnemo.iter_tensors(ck[src], to="hf", dtype=dtype, max_memory="1GiB"))
+    got = list(hfnemo.iter_tensors(ck[src], to="hf", dtype=dtype, max_memory="4GiB"))
     assert len(got) == len(want) and {n for n, _ in got} == set(want)
     for name, t in got:
         w = want[name] if dtype == "auto" else want[name].float()

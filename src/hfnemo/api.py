@@ -30,6 +30,7 @@ from hfnemo.io.fileio import OutFile
 from hfnemo.exec.sources import RowReader, dcp_sources, hf_sources
 from hfnemo.io import hf as hfio
 from hfnemo.io import legacy
+from hfnemo.io import dcp
 from hfnemo.io.dcp import read_index
 from hfnemo.io.nemo_configs import STRATEGY_CONFIG_ARGS, PyRef
 from hfnemo.io.nemo_context import read_context, write_context
@@ -280,7 +281,10 @@ def _job(src: str | Path, to: str | None, dtype: str | None, max_memory: int | s
     if overrides and kind != "hf":
         raise UsageError("config overrides apply to an import (HF -> NeMo)", file=path,
                          fix="drop --set / overrides=, or import from the HF model")
-    budget = Budget(max_memory=_size(max_memory, DEFAULT_MAX_MEMORY, "--max-memory"), baseline=current_rss())
+    # an import into NeMo 2 pickles torch's DCP classes at the end: imported in the background from
+    # now on, its resident size reserved in the budget (hfnemo.io.dcp.prewarm_writer)
+    reserve = dcp.prewarm_writer() if kind == "hf" and fmt == "nemo2" else 0
+    budget = Budget(max_memory=_size(max_memory, DEFAULT_MAX_MEMORY, "--max-memory"), baseline=current_rss() + reserve)
     if kind == "hf":
         return _plan_import(path, _dtype(dtype), budget, tp, pp, ep, fmt, overrides)
     shard = _size(max_shard_size, DEFAULT_MAX_SHARD, "--max-shard-size")
@@ -515,7 +519,7 @@ def _run_tar(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn |
         if getattr(kernels, "device", None) is not None:  # as _run: device buffers counted in the budget
             plan = job.plan = dataclasses.replace(plan, budget=budget_plan(
                 list(plan.items), {s.name: s for s in plan.sources},
-                Budget(max_memory=int(plan.budget["max_memory"]), baseline=current_rss(), device=True)))
+                Budget(max_memory=int(plan.budget["max_memory"]), baseline=current_rss() + dcp.pending_import_bytes(), device=True)))
         _check_output(job.src, dst, overwrite)
         dst.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(dst.parent).free
@@ -571,7 +575,7 @@ def _run(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn | Non
         # measured now that the CUDA context exists (it costs host memory of its own).
         plan = job.plan = dataclasses.replace(plan, budget=budget_plan(
             list(plan.items), {s.name: s for s in plan.sources},
-            Budget(max_memory=int(plan.budget["max_memory"]), baseline=current_rss(), device=True)))
+            Budget(max_memory=int(plan.budget["max_memory"]), baseline=current_rss() + dcp.pending_import_bytes(), device=True)))
     try:
         # Preflight (nothing written before it passes), the journaled staging directory beside dst,
         # the manifest, the atomic rename: hfnemo.exec.staging.
@@ -884,7 +888,8 @@ def reshard(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1, ep: i
     path = Path(src).expanduser()
     if not path.exists():
         raise UsageError(f"{path} does not exist", file=path, fix="check the path")
-    budget = Budget(max_memory=_size(max_memory, DEFAULT_MAX_MEMORY, "--max-memory"), baseline=current_rss())
+    reserve = dcp.prewarm_writer() if format in (None, "nemo2") else 0  # (None: the source's; counted)
+    budget = Budget(max_memory=_size(max_memory, DEFAULT_MAX_MEMORY, "--max-memory"), baseline=current_rss() + reserve)
     from hfnemo.io import nemo_tar
 
     tar = nemo_tar.wants_tar(dst)

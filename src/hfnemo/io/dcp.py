@@ -13,14 +13,43 @@ import hashlib
 import io
 import os
 import pickle
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.distributed.checkpoint import metadata as dcp_md
-from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+from hfnemo.lazy import LazyModule, prewarm
+
+# torch.distributed.checkpoint costs 0.6 s to import here and 3.5 s on a CUDA build of torch (most
+# of it torch.distributed.tensor): imported on first use, and in a background thread as soon as a
+# DcpWriter exists (prewarm), so that a conversion's wall time does not include it.
+dcp_md = LazyModule("torch.distributed.checkpoint.metadata")
+_dcp_fs = LazyModule("torch.distributed.checkpoint.filesystem")
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+# what importing them adds to the resident size (44 MiB measured with torch 2.13 CPU), reserved in
+# the memory budget while the import may still be under way
+DCP_IMPORT_RESERVE = 64 << 20
+
+
+def prewarm_writer() -> int:
+    """Start importing torch's DCP classes in the background (a writer needs them for .metadata);
+    returns the bytes the caller's memory budget should reserve for that import (0 once loaded)."""
+    if all(m in sys.modules for m in _DCP_MODULES):
+        return 0
+    prewarm(*_DCP_MODULES)
+    return DCP_IMPORT_RESERVE
+
+
+def pending_import_bytes() -> int:
+    """DCP_IMPORT_RESERVE while a prewarm started by :func:`prewarm_writer` has not finished, else 0."""
+    from hfnemo import lazy
+
+    if all(m in sys.modules for m in _DCP_MODULES) or not any(m in lazy._started for m in _DCP_MODULES):
+        return 0
+    return DCP_IMPORT_RESERVE
 
 from hfnemo.dtypes import BY_TORCH, DType
 from hfnemo.errors import CorruptCheckpoint
@@ -102,13 +131,70 @@ class _MetadataUnpickler(pickle.Unpickler):
             file=self.path, fix="the checkpoint is corrupt or hostile: do not use it")
 
 
+class _Record:
+    """Stand-in for a DCP metadata class when reading: keeps the pickled state as attributes
+    (no torch.distributed import: 0.6-3.5 s). Dataclasses pickle their ``__dict__``; torch's
+    TensorProperties pickles a tuple (dtype first)."""
+
+    _TUPLE_FIELDS: tuple[str, ...] = ()
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.__dict__.update(kwargs)
+
+    def __setstate__(self, state: object) -> None:
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        elif isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            self.__dict__.update(state[1])  # (None, slots-dict) of slotted dataclasses
+            if isinstance(state[0], dict):
+                self.__dict__.update(state[0])
+        elif isinstance(state, tuple):
+            self.__dict__.update(zip(self._TUPLE_FIELDS, state))
+
+
+class _TensorPropertiesRecord(_Record):
+    _TUPLE_FIELDS = ("dtype", "layout", "requires_grad", "memory_format", "pin_memory")
+
+
+def _passthrough(*args: object) -> object:
+    """Stand-in for enum lookups / _get_layout(name): the argument itself."""
+    return args[0] if args else None
+
+
+_RECORD_CLASSES: dict[str, type] = {}
+
+
+def _record_class(module: str, name: str) -> object:
+    if name in ("_MEM_FORMAT_ENCODING", "MEM_FORMAT_ENCODING", "_get_layout"):
+        return _passthrough
+    key = f"{module}.{name}"
+    cls = _RECORD_CLASSES.get(key)
+    if cls is None:
+        base = _TensorPropertiesRecord if name == "TensorProperties" else _Record
+        cls = _RECORD_CLASSES[key] = type(name, (base,), {"__module__": "hfnemo.io.dcp.records", "dcp_name": name})
+    return cls
+
+
+class _FastMetadataUnpickler(_MetadataUnpickler):
+    """The same allow-list, but DCP classes become :class:`_Record` stand-ins."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if name in _DCP_ALLOWED.get(module, ()) and module not in ("torch", "collections", "builtins", "pathlib"):
+            return _record_class(module, name)
+        return super().find_class(module, name)
+
+
+def _dcp_name(obj: object) -> str:
+    return getattr(type(obj), "dcp_name", type(obj).__name__)
+
+
 def read_index(weights_dir: str | Path) -> DcpIndex:
     """Parse ``weights_dir/.metadata`` safely and check every chunk lies inside its file."""
     root = Path(weights_dir)
     mpath = root / ".metadata"
     try:
         with open(mpath, "rb") as f:
-            md = _MetadataUnpickler(f, str(mpath)).load()
+            md = _FastMetadataUnpickler(f, str(mpath)).load()
     except FileNotFoundError as e:
         raise CorruptCheckpoint("no .metadata: not a torch distributed checkpoint", file=mpath,
                                 fix="point hfnemo at the checkpoint directory that holds weights/.metadata") from e
@@ -117,7 +203,7 @@ def read_index(weights_dir: str | Path) -> DcpIndex:
     except Exception as e:  # a damaged pickle can raise nearly anything
         raise CorruptCheckpoint(f".metadata does not unpickle: {e}", file=mpath,
                                 fix="the checkpoint is corrupt: re-create or re-copy it") from e
-    if not isinstance(md, dcp_md.Metadata):
+    if _dcp_name(md) != "Metadata" or not isinstance(getattr(md, "state_dict_metadata", None), dict):
         raise CorruptCheckpoint(".metadata does not hold a DCP Metadata object", file=mpath,
                                 fix="the checkpoint is corrupt: re-create it")
     try:
@@ -135,14 +221,17 @@ def _is_index(v: object) -> bool:
 
 
 def _index_from(md: dcp_md.Metadata, root: Path, mpath: Path) -> DcpIndex:
-    storage = md.storage_data or {}
+    storage: dict[tuple, object] = {}
+    for k, v in (getattr(md, "storage_data", None) or {}).items():  # MetadataIndex equality: (fqn, offset)
+        off = getattr(k, "offset", None)
+        storage[(getattr(k, "fqn", None), tuple(off) if off is not None else None)] = v
     sizes: dict[str, int] = {}
     index = DcpIndex(root)
     for fqn, meta in md.state_dict_metadata.items():
         if not isinstance(fqn, str):
             raise CorruptCheckpoint(f"state dict key {fqn!r} is not a string", file=mpath,
                                     fix="the checkpoint is corrupt: re-create it")
-        if isinstance(meta, dcp_md.BytesStorageMetadata):
+        if _dcp_name(meta) == "BytesStorageMetadata":
             index.byte_keys.append(fqn)
             continue
         dtype = BY_TORCH.get(meta.properties.dtype)
@@ -162,11 +251,11 @@ def _index_from(md: dcp_md.Metadata, root: Path, mpath: Path) -> DcpIndex:
                 raise CorruptCheckpoint(f"chunk at offsets {c_off!r} of sizes {c_size!r} does not fit the "
                                         f"tensor's size {shape}", file=mpath, tensor=fqn,
                                         fix="the checkpoint is corrupt: re-create it")
-            info = storage.get(dcp_md.MetadataIndex(fqn, c.offsets, i))
+            info = storage.get((fqn, c_off))
             if info is None:
                 raise CorruptCheckpoint(f"chunk at offsets {tuple(c.offsets)} has no storage entry", file=mpath,
                                         tensor=fqn, fix="the checkpoint is incomplete: re-create it")
-            if (not isinstance(info, _StorageInfo) or not isinstance(info.relative_path, str)
+            if (_dcp_name(info) != "_StorageInfo" or not isinstance(getattr(info, "relative_path", None), str)
                     or not _is_index(info.offset) or not _is_index(info.length)):
                 raise CorruptCheckpoint(f"storage entry {info!r} is malformed", file=mpath, tensor=fqn,
                                         fix="the checkpoint is corrupt: re-create it")
@@ -223,30 +312,28 @@ class DcpWriter:
 
     def __init__(self, weights_dir: str | Path, n_files: int, prefix: str = "__0_",
                  opener: Callable[[Path], OutFile] = OutFile) -> None:
+        prewarm(*_DCP_MODULES)
         self.root = Path(weights_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.names = [f"{prefix}{i}.distcp" for i in range(n_files)]
         self.files = [opener(self.root / n) for n in self.names]
         self.pos = [0] * n_files
         self.state_dict_metadata: dict[str, object] = {}
-        self.storage_data: dict[dcp_md.MetadataIndex, _StorageInfo] = {}
+        self.storage_data: dict = {}
 
     def declare_tensor(self, fqn: str, dtype: DType, shape: tuple[int, ...],
                        chunks: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
         """Register a global tensor and its chunk list (in the order readers will see them)."""
-        self.state_dict_metadata[fqn] = dcp_md.TensorStorageMetadata(
-            properties=dcp_md.TensorProperties(dtype=dtype.torch),
-            size=torch.Size(shape),
-            chunks=[dcp_md.ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s in chunks],
-        )
+        # plain records until finish() builds torch's DCP objects (see the lazy import above)
+        self.state_dict_metadata[fqn] = ("tensor", dtype, tuple(shape), [(tuple(o), tuple(s)) for o, s in chunks])
 
     def declare_bytes(self, key: str) -> None:
-        self.state_dict_metadata[key] = dcp_md.BytesStorageMetadata()
+        self.state_dict_metadata[key] = ("bytes",)
 
     def write_bytes(self, key: str, payload: bytes, file: int) -> None:
         start = self.pos[file]
         self.pos[file] += self.files[file].write(payload)
-        self.storage_data[dcp_md.MetadataIndex(key)] = _StorageInfo(self.names[file], start, len(payload))
+        self.storage_data[(key, None)] = (self.names[file], start, len(payload))
 
     def begin_tensor(self, fqn: str, offsets: tuple[int, ...], dtype: DType, shape: tuple[int, ...],
                      file: int) -> "_ChunkHandle":
@@ -255,12 +342,23 @@ class DcpWriter:
     def finish(self, checkpoint_id: str) -> None:
         for f in self.files:
             f.close(sync=True)
-        tensor_keys = [k for k, v in self.state_dict_metadata.items()
-                       if isinstance(v, dcp_md.TensorStorageMetadata)]
+        tensor_keys = [k for k, v in self.state_dict_metadata.items() if v[0] == "tensor"]
+        sdm: dict[str, object] = {}
+        for k, v in self.state_dict_metadata.items():
+            if v[0] == "bytes":
+                sdm[k] = dcp_md.BytesStorageMetadata()
+                continue
+            _, dtype, shape, chunks = v
+            sdm[k] = dcp_md.TensorStorageMetadata(
+                properties=dcp_md.TensorProperties(dtype=dtype.torch),
+                size=torch.Size(shape),
+                chunks=[dcp_md.ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(z)) for o, z in chunks])
+        storage = {(dcp_md.MetadataIndex(k) if off is None else dcp_md.MetadataIndex(k, torch.Size(off))):
+                   _dcp_fs._StorageInfo(*info) for (k, off), info in self.storage_data.items()}
         md = dcp_md.Metadata(
-            state_dict_metadata=self.state_dict_metadata,
+            state_dict_metadata=sdm,
             planner_data=None,
-            storage_data=self.storage_data,
+            storage_data=storage,
             storage_meta=dcp_md.StorageMeta(checkpoint_id=checkpoint_id, save_id="", load_id=None),
         )
         # Megatron's loaders read per-key mcore_data with getattr(md, "mcore_data", {}); NVIDIA's
@@ -301,5 +399,4 @@ class _ChunkHandle:
     def finish(self) -> None:
         length = self.archive.finish()
         self.w.pos[self.file] += length
-        self.w.storage_data[dcp_md.MetadataIndex(self.fqn, torch.Size(self.offsets))] = _StorageInfo(
-            self.w.names[self.file], self.start, length)
+        self.w.storage_data[(self.fqn, tuple(self.offsets))] = (self.w.names[self.file], self.start, length)
