@@ -146,7 +146,8 @@ def _hwcast_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gather_kernel(dst_ptr, table_ptr, iters, G, ALIGN: tl.constexpr, CHUNK: tl.constexpr):
+def _gather_kernel(dst_ptr, table_ptr, iters, G, R, ALIGN: tl.constexpr, CHUNK: tl.constexpr,
+                   ADJACENT: tl.constexpr):
     """Row p of the int64 table is (dst_off, src_off, nwords), all in words of dst's element type
     and all multiples of ALIGN; src_off is relative to dst_ptr (the source's address minus dst's,
     so the compiler sees the source as aligned as dst and vectorises). A 1-D grid of rows x G
@@ -155,8 +156,12 @@ def _gather_kernel(dst_ptr, table_ptr, iters, G, ALIGN: tl.constexpr, CHUNK: tl.
     an H100, 0.989 this way). Program (p, c) copies chunks c, c+G, ... of row p, ``iters`` in all
     (the loop bound is a plain argument: older interpreters cannot loop up to a loaded value)."""
     pid = tl.program_id(0).to(tl.int64)
-    p = pid // G
-    c = pid % G
+    if ADJACENT:
+        p = pid // G
+        c = pid % G
+    else:  # the row index fastest: kept for pieces under 16-byte alignment (0.86 this way, 0.54 adjacent)
+        p = pid % R
+        c = pid // R
     dst_off = tl.multiple_of(tl.load(table_ptr + p * 3), ALIGN)
     src_off = tl.multiple_of(tl.load(table_ptr + p * 3 + 1), ALIGN)
     # the length too: without it the load mask `offs < n` has unknown constancy and the compiler
@@ -406,7 +411,8 @@ class TritonBackend:
         """Device side of a gather prepared by :meth:`gather_prepare` (one kernel launch)."""
         dst, word, table_t, grid, iters, align, chunk, warps = prep
         _gather_kernel[(grid[0] * grid[1],)](_words(dst, dst.numel() // word * word, word), table_t, iters, grid[1],
-                                             ALIGN=align, CHUNK=chunk, num_warps=warps)
+                                             grid[0], ALIGN=align, CHUNK=chunk, ADJACENT=align * word >= 16,
+                                             num_warps=warps)
 
     def slice_cols(self, dst: torch.Tensor, src: torch.Tensor, rows: int, src_row_bytes: int, col_offset: int,
                    col_bytes: int) -> None:
