@@ -16,7 +16,11 @@ namespace hfnemo {
 
 namespace {
 
-std::atomic<std::size_t> g_stream_min{std::size_t(8) << 20};  // outputs at least this large are streamed
+// Outputs at least this large are streamed. Measured (benchmarks/RESULTS.md): on an Intel Xeon the
+// tiled streamed stores lift one-thread casts from 0.70-0.93 to 0.79-1.55 of copy_; on the AMD EPYC
+// CI VM they lower them from 0.87-1.03 to 0.60-0.87. So: on by default on Intel CPUs only.
+std::size_t stream_min_default();
+std::atomic<std::size_t> g_stream_min{stream_min_default()};
 constexpr std::size_t kStreamTile = 16384;         // bytes of output converted per tile
 
 using u16 = std::uint16_t;
@@ -376,6 +380,17 @@ void cast(void* dst, DType dst_t, const void* src, DType src_t, std::size_t n) {
     parallel_for(n, static_cast<double>(ss + ds), 64,
                  [=](std::size_t b, std::size_t e) { fn(src, dst, b, e); });
 }
+
+namespace {
+std::size_t stream_min_default() {
+#ifdef HFNEMO_X86_F16
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid(0, &a, &b, &c, &d) && b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu)
+        return std::size_t(8) << 20;  // "GenuineIntel"
+#endif
+    return ~std::size_t(0);
+}
+}  // namespace
 
 void set_cast_stream_min_bytes(std::size_t n) { g_stream_min.store(n); }
 std::size_t cast_stream_min_bytes() { return g_stream_min.load(); }

@@ -260,6 +260,15 @@ def test_cast_large_streamed(pair, threads):
     destination untouched."""
     src_dtype, dst_dtype = pair
     _C.set_threads(threads)
+    old = _C._cast_stream_min_bytes()
+    _C._set_cast_stream_min_bytes(8 << 20)  # the streamed path, whatever this CPU's default
+    try:
+        _check_streamed(src_dtype, dst_dtype, threads)
+    finally:
+        _C._set_cast_stream_min_bytes(old)
+
+
+def _check_streamed(src_dtype, dst_dtype, threads):
     g = torch.Generator().manual_seed(7 + threads)
     ds = dst_dtype.itemsize
     n = (8 << 20) // ds + 16384 // ds * 3 + 29
