@@ -26,7 +26,7 @@ from hfnemo.errors import ConfigError, ConversionError, InsufficientDisk, Output
 from hfnemo.exec.executor import execute
 from hfnemo.exec.sinks import DcpSink, SafetensorsSink, TorchSaveSink
 from hfnemo.exec.staging import run_staged
-from hfnemo.io.fileio import OutFile
+from hfnemo.io.fileio import OutFile, publish
 from hfnemo.exec.sources import RowReader, dcp_sources, hf_sources
 from hfnemo.io import hf as hfio
 from hfnemo.io import legacy
@@ -315,24 +315,6 @@ def _check_output(src: Path, dst: Path, overwrite: bool) -> None:
         raise OutputExists("output already exists", file=dst, fix="pass --overwrite to replace it, or pick another path")
 
 
-def _publish(staging: Path, dst: Path) -> None:
-    """Atomically put the finished staging directory in place of dst."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.hfnemo-old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dst, old)
-    os.replace(staging, dst)
-    dfd = os.open(dst.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_import_extras(job: _Job, staging: Path) -> None:
     cfg: hfio.HfConfig = job.extra["hf"]
     spec = job.extra["spec"]
@@ -547,7 +529,7 @@ def _run_tar(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn |
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            nemo_tar.publish_file(partial, dst)
+            publish(partial, dst)
         except BaseException:
             if partial.exists():
                 partial.unlink()
@@ -582,7 +564,7 @@ def _run(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn | Non
         _check_output(job.src, dst, overwrite)
         resumed = run_staged(plan, job.src, dst, getattr(job.reader, "index", None), restart,
                              lambda staging, journal: _execute_into(job, staging, dst, progress, kernels, journal),
-                             _publish)
+                             publish)
     finally:
         job.reader.close()
     seconds = time.perf_counter() - t0

@@ -150,3 +150,30 @@ class FileCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def publish(partial: Path, dst: Path) -> None:
+    """Atomically put the finished ``partial`` (a staging directory or a file) in place of ``dst``:
+    an existing directory (or anything a directory replaces) is moved aside first and removed after
+    the rename; a file over a file is one atomic rename. The parent directory is fsynced."""
+    import shutil
+
+    old = None
+    if dst.exists() and (partial.is_dir() or (dst.is_dir() and not dst.is_symlink())):
+        old = dst.with_name(f".{dst.name}.hfnemo-old")
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
+        os.replace(dst, old)
+    os.replace(partial, dst)
+    dfd = os.open(dst.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)

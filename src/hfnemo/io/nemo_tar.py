@@ -339,24 +339,6 @@ class NemoTarSink:
         self._archive, self._file = None, None
 
 
-def publish_file(partial: Path, dst: Path) -> None:
-    """Atomically put the finished file ``partial`` in place of ``dst`` (a file or a directory)."""
-    old = None
-    if dst.is_dir() and not dst.is_symlink():
-        old = dst.with_name(f".{dst.name}.hfnemo-old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dst, old)
-    os.replace(partial, dst)
-    dfd = os.open(dst.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def check_members(tar: NemoTar, names: Iterable[str]) -> None:
     missing = [n for n in names if n not in tar.members]
     if missing:
