@@ -148,10 +148,10 @@ def _plan_import(src: Path, dtype: str, budget: Budget, tp: int = 1, pp: int = 1
     if sources is None:
         sources = hf_sources(hfio.scan_weights(src))
     logicals = map_tensors(spec, dims, sources, "hf_to_nemo", str(src))
-    if fmt != "nemo2":
-        items, blobs, files = _layout_legacy(fmt, spec, dims, logicals, dtype, tp, pp, ep)
+    if fmt in _DCP_FORMATS:
+        items, blobs, files = layout_nemo(spec, dims, logicals, dtype, tp=tp, prefix=_DCP_FORMATS[fmt])
     else:
-        items, blobs, files = layout_nemo(spec, dims, logicals, dtype, tp=tp)
+        items, blobs, files = _layout_legacy(fmt, spec, dims, logicals, dtype, tp, pp, ep)
     target, nemo_args = hf_to_nemo_config(spec, cfg.data, cfg.path)
     side = _hf_side_files(src)
     if applied is not None:
@@ -179,6 +179,13 @@ def _plan_import(src: Path, dtype: str, budget: Budget, tp: int = 1, pp: int = 1
     return _Job(plan, RowReader(), src, {"spec": spec, "hf": cfg, "dims": dims, "format": fmt,
                                          "side": side, "emb_rows": _embedding_rows(logicals, dims),
                                          "ncfg": _full_config(target, nemo_args), "scratch": scratch})
+
+
+# Formats whose weights are one torch-dist (DCP) directory, laid out by layout_nemo: its key prefix
+# (NeMo 2: the Lightning module's "module."; NeMo 1 dist-ckpt: MegatronGPTModel's "model.") and
+# the directory under the output.
+_DCP_FORMATS = {"nemo2": "module.", "nemo1-dist": legacy.NEMO1_PREFIX}
+_DCP_DIRS = {"nemo2": "weights", "nemo1-dist": legacy.NEMO1_DIST}
 
 
 def _layout_legacy(fmt: str, spec: Any, dims: Any, logicals: list[Logical], dtype: str, tp: int, pp: int,
@@ -283,7 +290,7 @@ def _job(src: str | Path, to: str | None, dtype: str | None, max_memory: int | s
                          fix="drop --set / overrides=, or import from the HF model")
     # an import into NeMo 2 pickles torch's DCP classes at the end: imported in the background from
     # now on, its resident size reserved in the budget (hfnemo.io.dcp.prewarm_writer)
-    reserve = dcp.prewarm_writer() if kind == "hf" and fmt == "nemo2" else 0
+    reserve = dcp.prewarm_writer() if kind == "hf" and fmt in _DCP_FORMATS else 0
     budget = Budget(max_memory=_size(max_memory, DEFAULT_MAX_MEMORY, "--max-memory"), baseline=current_rss() + reserve)
     if kind == "hf":
         return _plan_import(path, _dtype(dtype), budget, tp, pp, ep, fmt, overrides)
@@ -460,7 +467,9 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             "auto" does so only when the plan casts or cuts, a GPU is visible and ``AUTO_GPU``.
         threads: CPU kernel threads.
         format: import target: "nemo2" (DCP, default), "nemo1" (.nemo directory with per-rank
-            model_weights.ckpt) or "megatron" (Megatron-LM ckpt_format=torch); see hfnemo.io.legacy.
+            model_weights.ckpt), "nemo1-dist" (NeMo 1 dist-ckpt: model_weights/ a torch-dist
+            directory, keys ``model.…``; directory or ``.nemo``) or "megatron" (Megatron-LM
+            ckpt_format=torch); see hfnemo.io.legacy.
             Exports read any of them (detected).
         overrides: import only: NeMo config fields to set, ``{"seq_length": 8192}`` or
             ``["seq_length=8192", "hf.rope_theta=1e6"]``; checked against the weights (hfnemo.overrides).
@@ -473,7 +482,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
     tar = nemo_tar.wants_tar(dst)
     if tar:
         nemo_tar.refuse_format(format, Path(dst))
-        format = "nemo1"
+        format = "nemo1-dist" if format == "nemo1-dist" else "nemo1"
     job = _job(src, to, dtype, max_memory, max_shard_size, tp, pp, ep, format, overrides)
     if tar:
         if job.plan.direction != "hf_to_nemo":
@@ -505,8 +514,10 @@ def _run_tar(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn |
         _check_output(job.src, dst, overwrite)
         dst.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(dst.parent).free
-        if free < plan.write_bytes + (64 << 20):
-            raise InsufficientDisk(f"the output needs {plan.write_bytes} bytes but only {free} are free",
+        dist = job.extra.get("format") == "nemo1-dist"
+        need = plan.write_bytes * (2 if dist else 1) + (64 << 20)  # dist: staged beside it, then packed
+        if free < need:
+            raise InsufficientDisk(f"the output needs {need} bytes but only {free} are free",
                                    file=dst.parent, fix="free disk space or choose another output disk")
         for p in (partial, side):
             if p.is_dir():
@@ -515,6 +526,14 @@ def _run_tar(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn |
                 p.unlink()
         side.mkdir()
         try:
+            if dist:  # the DCP files interleave their chunks: written beside dst first, then packed
+                dsink = DcpSink(plan, side / legacy.NEMO1_DIST)
+                try:
+                    execute(plan, job.reader, dsink, progress=progress, kernels=kernels)
+                    dsink.finish(checkpoint_id=legacy.NEMO1_DIST)
+                except BaseException:
+                    dsink.abort()
+                    raise
             _write_legacy_extras(job, side)
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
@@ -522,9 +541,10 @@ def _run_tar(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn |
                 dirs: set[str] = set()
                 writer.add_dir(".")
                 nemo_tar.add_tree(writer, side, dirs)
-                sink = nemo_tar.NemoTarSink(plan, writer, dirs)
-                execute(plan, job.reader, sink, progress=progress, kernels=kernels)
-                sink.finish()
+                if not dist:
+                    sink = nemo_tar.NemoTarSink(plan, writer, dirs)
+                    execute(plan, job.reader, sink, progress=progress, kernels=kernels)
+                    sink.finish()
                 writer.close()
                 os.fsync(fd)
             finally:
@@ -585,9 +605,9 @@ def _execute_into(job: _Job, staging: Path, dst: Path, progress: ProgressFn | No
     if plan.direction == "nemo_to_hf":
         sink: Any = SafetensorsSink(plan, staging, opener)
         finish = sink.finish
-    elif fmt == "nemo2":
-        sink = DcpSink(plan, staging / "weights", opener)
-        finish = lambda: sink.finish(checkpoint_id=str(dst / "weights"))  # noqa: E731
+    elif fmt in _DCP_FORMATS:
+        sink = DcpSink(plan, staging / _DCP_DIRS[fmt], opener)
+        finish = lambda: sink.finish(checkpoint_id=str(dst / _DCP_DIRS[fmt]))  # noqa: E731
     else:
         wrap = (legacy.megatron_wrap(_megatron_args(job)) if fmt == "megatron" else lambda f, sd: sd)
         sink = TorchSaveSink(plan, staging, wrap, opener)
@@ -730,6 +750,12 @@ def _write_legacy_extras(job: _Job, staging: Path) -> None:
         rows = job.extra.get("emb_rows", job.extra["dims"].nemo_vocab)
         legacy.write_nemo1_extras(staging, ncfg, rows, legacy.rank_layout(fmt, lay["tp"], lay["pp"], lay["ep"]),
                                   job.extra["spec"].hf_architectures[0], side)
+    elif fmt == "nemo1-dist":  # the DCP chunks need no rank layout; model_config.yaml records it
+        ncfg = job.extra.get("ncfg") or _full_config(job.plan.config["_target_"], job.plan.config)
+        rows = job.extra.get("emb_rows", job.extra["dims"].nemo_vocab)
+        legacy.write_nemo1_dist_extras(staging, ncfg, rows,
+                                       legacy.RankLayout(lay["tp"], lay["pp"], lay["ep"], legacy.NEMO1_PREFIX),
+                                       job.extra["spec"].hf_architectures[0], side)
     else:
         legacy.write_megatron_extras(staging, side)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -845,8 +871,8 @@ def _plan_reshard(path: Path, fmt: str | None, dtype: str, budget: Budget, tp: i
         raise UsageError(f"--format {fmt!r}", fix=f"use one of {', '.join(legacy.FORMATS)}")
     check_layout(dims, tp, pp, ep)
     logicals = _identity_logicals(spec, dims, sources, where)
-    if fmt == "nemo2":
-        items, blobs, files = layout_nemo(spec, dims, logicals, dtype, tp=tp)
+    if fmt in _DCP_FORMATS:
+        items, blobs, files = layout_nemo(spec, dims, logicals, dtype, tp=tp, prefix=_DCP_FORMATS[fmt])
     else:
         items, blobs, files = _layout_legacy(fmt, spec, dims, logicals, dtype, tp, pp, ep)
     ncfg = _plain_config(ncfg)
@@ -870,14 +896,14 @@ def reshard(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1, ep: i
     path = Path(src).expanduser()
     if not path.exists():
         raise UsageError(f"{path} does not exist", file=path, fix="check the path")
-    reserve = dcp.prewarm_writer() if format in (None, "nemo2") else 0  # (None: the source's; counted)
+    reserve = dcp.prewarm_writer() if format in (None, *_DCP_FORMATS) else 0  # (None: the source's; counted)
     budget = Budget(max_memory=_size(max_memory, DEFAULT_MAX_MEMORY, "--max-memory"), baseline=current_rss() + reserve)
     from hfnemo.io import nemo_tar
 
     tar = nemo_tar.wants_tar(dst)
     if tar:
         nemo_tar.refuse_format(format, Path(dst))
-        format = "nemo1"
+        format = "nemo1-dist" if format == "nemo1-dist" else "nemo1"
     job = _plan_reshard(path, format, _dtype(dtype), budget, tp, pp, ep)
     if tar:
         return _run_tar(job, dst, overwrite, progress, device, threads)

@@ -54,10 +54,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep", type=int, default=1, help="NeMo output: expert-parallel size (checked)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where kernels run")
     p.add_argument("--threads", type=int, default=None, help="CPU kernel threads")
-    p.add_argument("--format", default=None, choices=["nemo2", "nemo1", "megatron"],
+    p.add_argument("--format", default=None, choices=["nemo2", "nemo1", "nemo1-dist", "megatron"],
                    help="NeMo output format: nemo2 (DCP, default for import), nemo1 (.nemo directory with "
                         "per-rank model_weights.ckpt; an output path ending in .nemo is written as the "
-                        ".nemo tar) or megatron (Megatron-LM ckpt_format=torch); reshard: default the source's")
+                        ".nemo tar), nemo1-dist (NeMo 1 dist-ckpt: model_weights/ a torch-dist directory; "
+                        "directory or .nemo) or megatron (Megatron-LM ckpt_format=torch); reshard: default "
+                        "the source's")
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", dest="set",
                    help="import: override a NeMo config field (model.yaml's config: keys, e.g. seq_length=8192; "
                         "model_config.KEY too) or, as hf.KEY, a config.json field; checked against the "

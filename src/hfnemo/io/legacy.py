@@ -17,7 +17,9 @@ NeMo 1 (the directory a ``.nemo`` tar holds; packing it into a tar is not done h
     D/tp_rank_{tp:02d}_pp_rank_{pp:03d}/model_weights.ckpt   PP > 1
 
   each ``torch.save(OrderedDict)`` with keys ``model.decoder.layers.{i}.…``; loads with
-  ``torch.load(weights_only=True)``. EP > 1 is refused (NeMo 1 has no legacy EP file naming we
+  ``torch.load(weights_only=True)``. ``--format nemo1-dist`` writes ``D/model_weights/`` instead:
+  a torch-dist (DCP) directory laid out as NeMo 2's ``weights/`` with the prefix ``model.``
+  (:func:`write_nemo1_dist_extras` adds its metadata.json and common.pt). EP > 1 is refused (NeMo 1 has no legacy EP file naming we
   could confirm).
 
 Megatron-LM::
@@ -61,7 +63,7 @@ from hfnemo.io.torchzip import ArchivedTensor, InertObject, read_archive
 from hfnemo.plan.plan import SourceTensor
 from hfnemo.plan.planner import RankLayout, tp_split_kind
 
-FORMATS = ("nemo2", "nemo1", "megatron")
+FORMATS = ("nemo2", "nemo1", "nemo1-dist", "megatron")
 NEMO1_CONFIG = "model_config.yaml"
 NEMO1_WEIGHTS = "model_weights.ckpt"
 NEMO1_DIST = "model_weights"  # dist-ckpt models: a torch-dist (DCP) directory instead of rank files
@@ -254,15 +256,34 @@ def _artifact_name(path: Path, name: str) -> str:
 
 
 def write_nemo1_extras(out: Path, n: Mapping[str, Any], rows: int, lay: RankLayout, arch: str,
-                       side_files: Mapping[str, Path]) -> None:
+                       side_files: Mapping[str, Path], dist: bool = False) -> None:
     """model_config.yaml plus artifacts ``<md5>_<name>`` (NeMo uses uuid4 hex; md5 of the content
-    keeps reruns byte-identical)."""
+    keeps reruns byte-identical). ``dist``: the weights are a dist-ckpt ``model_weights/``."""
     artifacts = {}
     for name, path in side_files.items():
         artifacts[name] = _artifact_name(path, name)
         shutil.copyfile(path, out / artifacts[name])
     cfg = nemo1_config(n, rows, lay, artifacts, arch)
+    if dist:
+        cfg["dist_ckpt_format"] = "torch_dist"
     (out / NEMO1_CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def write_nemo1_dist_extras(out: Path, n: Mapping[str, Any], rows: int, lay: RankLayout, arch: str,
+                            side_files: Mapping[str, Path]) -> None:
+    """A dist-ckpt NeMo 1 model's files besides the DCP chunks: model_config.yaml (with
+    ``dist_ckpt_format: torch_dist``) and the artifacts, plus ``model_weights/metadata.json`` and
+    ``model_weights/common.pt`` as megatron.core.dist_checkpointing saves them (its loader checks
+    the first and reads the second; a model-only sharded state dict leaves the common state empty)."""
+    import torch
+
+    write_nemo1_extras(out, n, rows, lay, arch, side_files, dist=True)
+    weights = out / NEMO1_DIST
+    weights.mkdir(exist_ok=True)
+    (weights / "metadata.json").write_text(json.dumps({
+        "sharded_backend": "torch_dist", "sharded_backend_version": 1,
+        "common_backend": "torch", "common_backend_version": 1}))
+    torch.save({}, weights / "common.pt")
 
 
 def write_megatron_extras(out: Path, side_files: Mapping[str, Path]) -> None:

@@ -347,9 +347,9 @@ def check_members(tar: NemoTar, names: Iterable[str]) -> None:
 
 
 def refuse_format(fmt: str | None, dst: Path) -> None:
-    if fmt not in (None, "nemo1", "nemo2"):
+    if fmt not in (None, "nemo1", "nemo1-dist", "nemo2"):
         raise UsageError(f"a {NEMO_SUFFIX} output is a NeMo 1 tar; --format {fmt} cannot be written into it",
-                         file=dst, fix=f"use --format nemo1, or an output path not ending in {NEMO_SUFFIX}")
+                         file=dst, fix=f"use --format nemo1 or nemo1-dist, or an output path not ending in {NEMO_SUFFIX}")
 
 
 # ------------------------------------------------------------------------------ NeMo 1 checkpoints
