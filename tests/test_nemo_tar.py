@@ -236,6 +236,7 @@ def test_reads_dist_ckpt_models(src: Path, hf_state: dict, tmp_path: Path, tp: i
         info = hfnemo.inspect(source)
         chunk_bytes = sum(t.numel() * t.element_size() for t in hf_state.values())
         assert info.weight_bytes >= chunk_bytes > 0, (source, info.weight_bytes)
+        assert "dist-ckpt" in info.format_label, info.format_label
     again = tmp_path / "again.nemo"  # reshard a dist-ckpt .nemo into a per-rank one
     hfnemo.reshard(packed, again, tp=2)
     hfnemo.convert(again, tmp_path / "from_again")

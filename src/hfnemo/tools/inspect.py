@@ -405,6 +405,11 @@ def _inspect_legacy(p: Path, info: ModelInfo) -> None:
         close()
     if ckpt.fmt == "nemo1":
         info.nemo_model = ckpt.config.get("target") if isinstance(ckpt.config.get("target"), str) else None
+    if getattr(ckpt, "dist", None) is not None:  # the dist-ckpt layout: no rank files
+        info.format_label = info.format_label.replace("per-rank model_weights.ckpt",
+                                                      "model_weights/ torch-dist, dist-ckpt")
+        if "dist-ckpt" not in info.format_label:
+            info.format_label += " (dist-ckpt: model_weights/ torch-dist)"
     from hfnemo.io.hf import TOKENIZER_FILES
 
     info.tokenizer_files = sorted(n for n in side if n in TOKENIZER_FILES)
