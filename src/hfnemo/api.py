@@ -506,11 +506,8 @@ def _run_tar(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn |
     partial = dst.with_name(f".{dst.name}.hfnemo-partial")
     side = dst.with_name(f".{dst.name}.hfnemo-side")
     try:
-        kernels = _kernels(device, threads, plan)
-        if getattr(kernels, "device", None) is not None:  # as _run: device buffers counted in the budget
-            plan = job.plan = dataclasses.replace(plan, budget=budget_plan(
-                list(plan.items), {s.name: s for s in plan.sources},
-                Budget(max_memory=int(plan.budget["max_memory"]), baseline=current_rss() + dcp.pending_import_bytes(), device=True)))
+        kernels = _job_kernels(job, device, threads)
+        plan = job.plan
         _check_output(job.src, dst, overwrite)
         dst.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(dst.parent).free
@@ -558,12 +555,31 @@ def _run_tar(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn |
             shutil.rmtree(side, ignore_errors=True)
     finally:
         job.reader.close()
+    return _report(job, dst, t0)
+
+
+def _job_kernels(job: _Job, device: str, threads: int | None) -> Any:
+    """The kernels for ``device``; on the GPU path the job's plan is re-budgeted with the device
+    buffers counted too, from the resident size measured now that the CUDA context exists (it
+    costs host memory of its own)."""
+    plan = job.plan
+    kernels = _kernels(device, threads, plan)
+    if getattr(kernels, "device", None) is not None:
+        job.plan = dataclasses.replace(plan, budget=budget_plan(
+            list(plan.items), {s.name: s for s in plan.sources},
+            Budget(max_memory=int(plan.budget["max_memory"]), baseline=current_rss() + dcp.pending_import_bytes(),
+                   device=True)))
+    return kernels
+
+
+def _report(job: _Job, dst: Path, t0: float, resumed: int = 0) -> Report:
+    plan = job.plan
     seconds = time.perf_counter() - t0
     return Report(direction=plan.direction, arch=plan.arch, source=str(job.src), output=str(dst),
                   tensors=len(plan.items), bytes_read=plan.read_bytes, bytes_written=plan.write_bytes,
                   seconds=seconds, gb_per_s=plan.write_bytes / seconds / 1e9 if seconds else 0.0,
                   peak_rss_bytes=peak_rss(), max_memory_bytes=int(plan.budget["max_memory"]),
-                  files=list(plan.files), budget=dict(plan.budget))
+                  files=list(plan.files), budget=dict(plan.budget), resumed_bytes=resumed)
 
 
 def _run(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn | None, device: str,
@@ -571,13 +587,8 @@ def _run(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn | Non
     t0 = time.perf_counter()
     dst = Path(dst).expanduser()
     plan = job.plan
-    kernels = _kernels(device, threads, plan)
-    if getattr(kernels, "device", None) is not None:
-        # The GPU path: re-plan the buffers with the device's counted too, from the resident size
-        # measured now that the CUDA context exists (it costs host memory of its own).
-        plan = job.plan = dataclasses.replace(plan, budget=budget_plan(
-            list(plan.items), {s.name: s for s in plan.sources},
-            Budget(max_memory=int(plan.budget["max_memory"]), baseline=current_rss() + dcp.pending_import_bytes(), device=True)))
+    kernels = _job_kernels(job, device, threads)
+    plan = job.plan
     try:
         # Preflight (nothing written before it passes), the journaled staging directory beside dst,
         # the manifest, the atomic rename: hfnemo.exec.staging.
@@ -587,12 +598,7 @@ def _run(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn | Non
                              publish)
     finally:
         job.reader.close()
-    seconds = time.perf_counter() - t0
-    return Report(direction=plan.direction, arch=plan.arch, source=str(job.src), output=str(dst),
-                  tensors=len(plan.items), bytes_read=plan.read_bytes, bytes_written=plan.write_bytes,
-                  seconds=seconds, gb_per_s=plan.write_bytes / seconds / 1e9 if seconds else 0.0,
-                  peak_rss_bytes=peak_rss(), max_memory_bytes=int(plan.budget["max_memory"]),
-                  files=list(plan.files), budget=dict(plan.budget), resumed_bytes=resumed)
+    return _report(job, dst, t0, resumed)
 
 
 def _execute_into(job: _Job, staging: Path, dst: Path, progress: ProgressFn | None, kernels: Any,
