@@ -85,27 +85,14 @@ def test_export_device_cuda_matches_cpu(tiny_hf_factory, tmp_path):
 @pytest.mark.parametrize("dtype", ["auto", "fp16"])
 def test_iter_tensors_to_device_column_cuts(tiny_hf_factory, dtype):
     """tp=2 plans cut column windows (row-parallel shards): the pipeline cuts them on the GPU."""
-    from hfnemo.exec.executor import execute
     from hfnemo.exec.gpu import iter_tensors_to_device
     from hfnemo.exec.sources import RowReader
 
     src = tiny_hf_factory("llama3_gqa", dtype=torch.float32)
     plan = hfnemo.api.plan(src, to="nemo", dtype=dtype, tp=2, max_memory="8GiB")
     assert any(s.cols for it in plan.items for s in it.segments)
-    data: dict = {}
-
-    class Sink:
-        def begin(self, item):
-            data[(item.key, tuple(item.offsets))] = bytearray()
-
-        def write(self, item, d):
-            data[(item.key, tuple(item.offsets))] += bytes(d)
-
-        def end(self, item):
-            pass
-
+    data = _cpu_bytes(plan)
     reader = RowReader()
-    execute(plan, reader, Sink())
     seen = 0
     for key, offsets, t in iter_tensors_to_device(plan, reader, "cuda", max_memory="64MiB", depth=3):
         assert t.contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes() == bytes(data[(key, tuple(offsets))])
