@@ -391,27 +391,24 @@ def dcp_index(tar: NemoTar, folder: str):
     import io
     import pickle
 
-    from torch.distributed.checkpoint import metadata as dcp_md
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-
     from hfnemo.io import dcp
 
     mname = f"{folder}/.metadata"
     where = tar.members[mname]
     try:
-        md = dcp._MetadataUnpickler(io.BytesIO(tar.read_bytes(mname)), str(where)).load()
+        md = dcp._FastMetadataUnpickler(io.BytesIO(tar.read_bytes(mname)), str(where)).load()
     except CorruptCheckpoint:
         raise
     except Exception as e:  # a damaged pickle can raise nearly anything
         raise CorruptCheckpoint(f".metadata does not unpickle: {e}", file=where,
                                 fix="the checkpoint is corrupt: re-create or re-copy it") from e
-    if not isinstance(md, dcp_md.Metadata) or not isinstance(md.storage_data, dict):
+    if dcp._dcp_name(md) != "Metadata" or not isinstance(getattr(md, "storage_data", None), dict):
         raise CorruptCheckpoint(".metadata does not hold a DCP Metadata object", file=where,
                                 fix="the checkpoint is corrupt: re-create it")
     rel_tar = os.path.relpath(tar.data.resolve(), "/")
     storage = {}
     for key, info in md.storage_data.items():
-        if not isinstance(info, _StorageInfo) or not isinstance(info.relative_path, str):
+        if dcp._dcp_name(info) != "_StorageInfo" or not isinstance(getattr(info, "relative_path", None), str):
             raise CorruptCheckpoint(f"storage entry {info!r} is malformed", file=where,
                                     fix="the checkpoint is corrupt: re-create it")
         name = member_name(f"{folder}/{info.relative_path}")
@@ -424,7 +421,7 @@ def dcp_index(tar: NemoTar, folder: str):
             raise CorruptCheckpoint(f"chunk bytes {info.offset}..{info.offset + info.length} lie outside "
                                     f"the {m.size}-byte member", file=m, tensor=getattr(key, "fqn", None),
                                     fix="the .nemo is truncated or corrupt: re-copy it")
-        storage[key] = _StorageInfo(rel_tar, m.offset + info.offset, info.length)
+        storage[key] = type(info)(relative_path=rel_tar, offset=m.offset + info.offset, length=info.length)
     md.storage_data = storage
     try:
         return dcp._index_from(md, Path("/"), Path(str(where)))
