@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from hfnemo import dist
 from hfnemo.arch import get_spec, spec_for_nemo_model
 from hfnemo.arch.rules import Logical
 from hfnemo.arch.spec import hf_dims, hf_to_nemo_config, nemo_dims, nemo_to_hf_config
@@ -149,7 +150,8 @@ def _plan_import(src: Path, dtype: str, budget: Budget, tp: int = 1, pp: int = 1
         sources = hf_sources(hfio.scan_weights(src))
     logicals = map_tensors(spec, dims, sources, "hf_to_nemo", str(src))
     if fmt in _DCP_FORMATS:
-        items, blobs, files = layout_nemo(spec, dims, logicals, dtype, tp=tp, prefix=_DCP_FORMATS[fmt])
+        items, blobs, files = layout_nemo(spec, dims, logicals, dtype, tp=tp, prefix=_DCP_FORMATS[fmt],
+                                          writers=dist.writers())
     else:
         items, blobs, files = _layout_legacy(fmt, spec, dims, logicals, dtype, tp, pp, ep)
     target, nemo_args = hf_to_nemo_config(spec, cfg.data, cfg.path)
@@ -443,7 +445,8 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             max_memory: int | str | None = None, max_shard_size: int | str | None = None,
             overwrite: bool = False, progress: ProgressFn | None = None, tp: int = 1, pp: int = 1,
             ep: int = 1, device: str = "auto", threads: int | None = None, format: str = "nemo2",
-            overrides: dict[str, Any] | list[str] | None = None, restart: bool = False) -> Report:
+            overrides: dict[str, Any] | list[str] | None = None, restart: bool = False,
+            workers: int | None = None) -> Report:
     """Convert ``src`` (HF directory or NeMo 2 checkpoint) into ``dst``, streaming within ``max_memory``.
 
     Args:
@@ -473,24 +476,42 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             Exports read any of them (detected).
         overrides: import only: NeMo config fields to set, ``{"seq_length": 8192}`` or
             ``["seq_length=8192", "hf.rope_theta=1e6"]``; checked against the weights (hfnemo.overrides).
+        workers: write with this many processes on this machine (hfnemo.dist: each writes its share
+            of the files, rank 0 the index and the manifest; ``max_memory`` holds per process;
+            ``progress`` is not called). Under torchrun every rank calls convert() without it.
 
     Returns:
-        A Report with byte counts, time and peak memory.
+        A Report with byte counts, time and peak memory (rank 0's process).
     """
     from hfnemo.io import nemo_tar
 
+    if workers is not None and workers != 1:
+        return dist.spawn(workers, convert, src, dst, to=to, dtype=dtype, max_memory=max_memory,
+                          max_shard_size=max_shard_size, overwrite=overwrite, tp=tp, pp=pp, ep=ep, device=device,
+                          threads=threads, format=format, overrides=overrides, restart=restart)
+
     tar = nemo_tar.wants_tar(dst)
     if tar:
+        _refuse_tar_writers(Path(dst))
         nemo_tar.refuse_format(format, Path(dst))
         format = "nemo1-dist" if format == "nemo1-dist" else "nemo1"
-    job = _job(src, to, dtype, max_memory, max_shard_size, tp, pp, ep, format, overrides)
-    if tar:
-        if job.plan.direction != "hf_to_nemo":
-            job.reader.close()
-            raise UsageError(f"{dst} names a NeMo 1 .nemo file, but {src} is already a NeMo checkpoint", file=dst,
-                             fix=f"use `hfnemo reshard {src} {dst}` to repack a NeMo checkpoint as a .nemo")
-        return _run_tar(job, dst, overwrite, progress, device, threads)
-    return _run(job, dst, overwrite, progress, device, threads, restart)
+    with dist.session(device) as group:
+        job = dist.agreed(group, lambda: _job(src, to, dtype, max_memory, max_shard_size, tp, pp, ep, format,
+                                              overrides))
+        if tar:
+            if job.plan.direction != "hf_to_nemo":
+                job.reader.close()
+                raise UsageError(f"{dst} names a NeMo 1 .nemo file, but {src} is already a NeMo checkpoint",
+                                 file=dst, fix=f"use `hfnemo reshard {src} {dst}` to repack a NeMo checkpoint as a .nemo")
+            return _run_tar(job, dst, overwrite, progress, device, threads)
+        return _run(job, dst, overwrite, progress, device, threads, restart, group)
+
+
+def _refuse_tar_writers(dst: Path) -> None:
+    if dist.writers() > 1:
+        raise UsageError(f"{dst} is a .nemo tar file, which one process writes", file=dst,
+                         fix="write a directory with several processes (then `hfnemo reshard DIR FILE.nemo`), "
+                             "or run a single process")
 
 
 def _run_tar(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn | None, device: str,
@@ -499,7 +520,6 @@ def _run_tar(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn |
     generated beside the output, then removed), then each rank's model_weights.ckpt as one member
     written as the executor produces it; the finished file replaces ``dst`` atomically."""
     from hfnemo.io import nemo_tar
-
     t0 = time.perf_counter()
     dst = Path(dst).expanduser()
     plan = job.plan
@@ -583,51 +603,96 @@ def _report(job: _Job, dst: Path, t0: float, resumed: int = 0) -> Report:
 
 
 def _run(job: _Job, dst: str | Path, overwrite: bool, progress: ProgressFn | None, device: str,
-         threads: int | None, restart: bool = False) -> Report:
+         threads: int | None, restart: bool = False, group: dist.Group | None = None) -> Report:
     t0 = time.perf_counter()
     dst = Path(dst).expanduser()
-    plan = job.plan
-    kernels = _job_kernels(job, device, threads)
-    plan = job.plan
     try:
+        if group is not None and threads is None and group.local_size > 1:
+            threads = max(1, (os.cpu_count() or 1) // group.local_size)  # the ranks of a machine share its cores
+
+        def prepare() -> Any:
+            kernels = _job_kernels(job, device, threads)
+            _check_output(job.src, dst, overwrite)
+            return kernels
+
+        kernels = dist.agreed(group, prepare)
+        plan = job.plan
         # Preflight (nothing written before it passes), the journaled staging directory beside dst,
-        # the manifest, the atomic rename: hfnemo.exec.staging.
-        _check_output(job.src, dst, overwrite)
-        resumed = run_staged(plan, job.src, dst, getattr(job.reader, "index", None), restart,
-                             lambda staging, journal: _execute_into(job, staging, dst, progress, kernels, journal),
-                             publish)
+        # the manifest, the atomic rename: hfnemo.exec.staging (one process) or hfnemo.dist (a rank).
+        index = getattr(job.reader, "index", None)
+        if group is None:
+            resumed = run_staged(plan, job.src, dst, index, restart,
+                                 lambda staging, journal: _execute_into(job, staging, dst, progress, kernels, journal),
+                                 publish)
+        else:
+            resumed = dist.run_staged(
+                group, plan, job.src, dst, index, restart, _data_dir(job),
+                lambda staging, share, journal, bar: _write_share(job, share, staging, dst, bar, kernels, journal),
+                lambda staging, results: _finish_shares(job, staging, dst, results), publish, progress)
     finally:
         job.reader.close()
     return _report(job, dst, t0, resumed)
 
 
-def _execute_into(job: _Job, staging: Path, dst: Path, progress: ProgressFn | None, kernels: Any,
-                  journal: Any = None) -> None:
-    """Stream the plan into the sink its target format needs, then write the side files. With a
-    journal (hfnemo.exec.journal), files open through it and a previous run's bytes are kept."""
-    plan = job.plan
+def _data_dir(job: _Job) -> str:
+    """Where the plan's data files lie under the output ("weights/" for NeMo 2, "" for HF shards)."""
+    fmt = job.extra.get("format", "nemo2")
+    return f"{_DCP_DIRS[fmt]}/" if job.plan.direction != "nemo_to_hf" and fmt in _DCP_FORMATS else ""
+
+
+def _write_share(job: _Job, plan: Plan, staging: Path, dst: Path, progress: ProgressFn | None, kernels: Any,
+                 journal: Any = None) -> dict:
+    """Stream ``plan`` (the job's, or one rank's share of it) into the sink its target format needs
+    and close its files. With a journal (hfnemo.exec.journal), files open through it and a previous
+    run's bytes are kept. Returns where each DCP chunk landed (``storage_data``; {} for other
+    formats): what ``.metadata`` is written from."""
     fmt = job.extra.get("format", "nemo2")
     opener = journal.open if journal is not None else OutFile
     if plan.direction == "nemo_to_hf":
         sink: Any = SafetensorsSink(plan, staging, opener)
-        finish = sink.finish
     elif fmt in _DCP_FORMATS:
         sink = DcpSink(plan, staging / _DCP_DIRS[fmt], opener)
-        finish = lambda: sink.finish(checkpoint_id=str(dst / _DCP_DIRS[fmt]))  # noqa: E731
     else:
         wrap = (legacy.megatron_wrap(_megatron_args(job)) if fmt == "megatron" else lambda f, sd: sd)
         sink = TorchSaveSink(plan, staging, wrap, opener)
-        finish = sink.finish
     try:
         execute(plan, job.reader, sink, progress=progress, kernels=kernels, journal=journal)
         if journal is not None:
             journal.flush()  # the tensor data is on disk: a crash from here on replays it all
-        finish()
+        if isinstance(sink, DcpSink):
+            sink.writer.close()
+            return sink.writer.storage_data
+        sink.finish()
     except BaseException:
         if journal is not None:
             journal.stop(save=True)  # before abort() closes the files it fsyncs
         sink.abort()
         raise
+    return {}
+
+
+def _finish_shares(job: _Job, staging: Path, dst: Path, storage: list[dict]) -> None:
+    """After every writer's data: DCP's ``.metadata`` (from every writer's chunk locations), then the
+    side files of the target format."""
+    fmt = job.extra.get("format", "nemo2")
+    if job.plan.direction != "nemo_to_hf" and fmt in _DCP_FORMATS:
+        w = dcp.DcpWriter(staging / _DCP_DIRS[fmt], [])
+        DcpSink.declare(w, job.plan)
+        for part in storage:
+            w.storage_data.update(part)
+        w.write_metadata(checkpoint_id=str(dst / _DCP_DIRS[fmt]))
+    _write_extras(job, staging)
+
+
+def _execute_into(job: _Job, staging: Path, dst: Path, progress: ProgressFn | None, kernels: Any,
+                  journal: Any = None) -> None:
+    """One process: every byte of the plan, then ``.metadata`` and the side files."""
+    _finish_shares(job, staging, dst, [_write_share(job, job.plan, staging, dst, progress, kernels, journal)])
+
+
+def _write_extras(job: _Job, staging: Path) -> None:
+    plan = job.plan
+    fmt = job.extra.get("format", "nemo2")
     if plan.direction == "nemo_to_hf":
         if "ctx" in job.extra:
             _write_export_extras(job, staging)
@@ -878,7 +943,8 @@ def _plan_reshard(path: Path, fmt: str | None, dtype: str, budget: Budget, tp: i
     check_layout(dims, tp, pp, ep)
     logicals = _identity_logicals(spec, dims, sources, where)
     if fmt in _DCP_FORMATS:
-        items, blobs, files = layout_nemo(spec, dims, logicals, dtype, tp=tp, prefix=_DCP_FORMATS[fmt])
+        items, blobs, files = layout_nemo(spec, dims, logicals, dtype, tp=tp, prefix=_DCP_FORMATS[fmt],
+                                          writers=dist.writers())
     else:
         items, blobs, files = _layout_legacy(fmt, spec, dims, logicals, dtype, tp, pp, ep)
     ncfg = _plain_config(ncfg)
@@ -895,10 +961,15 @@ def _plan_reshard(path: Path, fmt: str | None, dtype: str, budget: Budget, tp: i
 def reshard(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1, format: str | None = None,
             dtype: str | None = "auto", max_memory: int | str | None = None, overwrite: bool = False,
             progress: ProgressFn | None = None, device: str = "auto", threads: int | None = None,
-            restart: bool = False) -> Report:
+            restart: bool = False, workers: int | None = None) -> Report:
     """Change the parallel layout (and optionally the format) of a NeMo 2, NeMo 1 or Megatron-LM
     checkpoint, streaming, without going through HF: every logical NeMo tensor is copied as is
-    and cut for the new (tp, pp, ep). ``format`` defaults to the source's."""
+    and cut for the new (tp, pp, ep). ``format`` defaults to the source's. ``workers``: as for
+    :func:`convert`."""
+    if workers is not None and workers != 1:
+        return dist.spawn(workers, reshard, src, dst, tp=tp, pp=pp, ep=ep, format=format, dtype=dtype,
+                          max_memory=max_memory, overwrite=overwrite, device=device, threads=threads,
+                          restart=restart)
     path = Path(src).expanduser()
     if not path.exists():
         raise UsageError(f"{path} does not exist", file=path, fix="check the path")
@@ -908,12 +979,14 @@ def reshard(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1, ep: i
 
     tar = nemo_tar.wants_tar(dst)
     if tar:
+        _refuse_tar_writers(Path(dst))
         nemo_tar.refuse_format(format, Path(dst))
         format = "nemo1-dist" if format == "nemo1-dist" else "nemo1"
-    job = _plan_reshard(path, format, _dtype(dtype), budget, tp, pp, ep)
-    if tar:
-        return _run_tar(job, dst, overwrite, progress, device, threads)
-    return _run(job, dst, overwrite, progress, device, threads, restart)
+    with dist.session(device) as group:
+        job = dist.agreed(group, lambda: _plan_reshard(path, format, _dtype(dtype), budget, tp, pp, ep))
+        if tar:
+            return _run_tar(job, dst, overwrite, progress, device, threads)
+        return _run(job, dst, overwrite, progress, device, threads, restart, group)
 
 
 __all__ = ["convert", "plan", "reshard", "find_latest", "Report", "ConversionError"]

@@ -28,7 +28,7 @@ import stat
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from hfnemo.errors import ResumeMismatch
 from hfnemo.io.fileio import OutFile, ReplayMismatch, fault_point
@@ -159,9 +159,16 @@ class Journal:
     ``j.flush()`` after the last block; ``j.stop(save=...)`` always.
     """
 
-    def __init__(self, root: Path, fp: dict[str, Any], commit_every: int | None = None) -> None:
+    def __init__(self, root: Path, fp: dict[str, Any], commit_every: int | None = None, *,
+                 name: str = JOURNAL, scope: Callable[[str], bool] | None = None) -> None:
         self.root = Path(root)
-        self.path = self.root / JOURNAL
+        self.path = self.root / name
+        # Several processes may write one staging directory (hfnemo.dist), each with a journal of its
+        # own: ``scope(rel)`` says which files are this journal's to keep or delete (default: all,
+        # and the directory itself). Empty directories are pruned only by a journal of that scope or
+        # of the first writer (``prune``).
+        self.scope = scope
+        self.prune = scope is None
         self.fingerprint = fp
         self.commit_every = commit_every or commit_bytes()
         self.prior: _Prior | None = None
@@ -245,17 +252,7 @@ class Journal:
         for rel, (size, _) in self.kept.items():
             os.truncate(self.root / rel, size)
         # Everything the journal does not vouch for is rewritten: later files, side files.
-        for d, dirs, names in os.walk(self.root, topdown=False):
-            for name in names:
-                rel = Path(d, name).relative_to(self.root).as_posix()
-                if rel not in self.kept and rel != JOURNAL:
-                    os.unlink(Path(d, name))
-            for name in dirs:
-                p = Path(d, name)
-                if p.is_symlink():
-                    p.unlink()
-                elif not any(p.iterdir()):
-                    p.rmdir()
+        self._clear(keep=set(self.kept))
         self._jfd = os.open(self.path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
         os.ftruncate(self._jfd, prior.good_end)
         self._jsize = prior.good_end
@@ -263,13 +260,30 @@ class Journal:
         self.resumed_bytes = self.done = prior.done
         self.fresh = False
 
+    def _clear(self, keep: set[str]) -> None:
+        """Delete every file of this journal's scope but ``keep`` and the journal itself."""
+        own = self.path.relative_to(self.root).as_posix()
+        for d, dirs, names in os.walk(self.root, topdown=False):
+            for name in names:
+                rel = Path(d, name).relative_to(self.root).as_posix()
+                if rel not in keep and rel != own and (self.scope is None or self.scope(rel)):
+                    os.unlink(Path(d, name))
+            for name in dirs if self.prune else ():
+                p = Path(d, name)
+                if p.is_symlink():
+                    p.unlink()
+                elif not any(p.iterdir()):
+                    p.rmdir()
+
     def _fresh(self) -> None:
-        if self.root.exists() or self.root.is_symlink():
+        if self.scope is not None and self.root.is_dir() and not self.root.is_symlink():
+            self._clear(keep=set())  # the other writers' files stay
+        elif self.root.exists() or self.root.is_symlink():
             if self.root.is_dir() and not self.root.is_symlink():
                 shutil.rmtree(self.root)
             else:
                 self.root.unlink()
-        self.root.mkdir()
+        self.root.mkdir(exist_ok=self.scope is not None)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         self._jfd = os.open(self.path, flags, 0o644)
         self._jsize = 0

@@ -23,17 +23,10 @@ class DcpSink:
     """Each OutputItem is one DCP chunk: a torch.save archive streamed into its .distcp file."""
 
     def __init__(self, plan: Plan, weights_dir: Path, opener: Callable[[Path], OutFile] = OutFile) -> None:
-        self.writer = DcpWriter(weights_dir, len(plan.files), opener=opener)
+        self.writer = DcpWriter(weights_dir, list(plan.files), opener=opener)
         self.files = list(plan.files)
-        chunks: dict[str, list[OutputItem]] = {}
-        for it in plan.items:
-            chunks.setdefault(it.key, []).append(it)
-        for key in chunks:
-            its = sorted(chunks[key], key=lambda i: i.offsets)
-            self.writer.declare_tensor(key, BY_NAME[its[0].dtype], its[0].global_shape,
-                                       [(i.offsets, i.shape) for i in its])
+        self.declare(self.writer, plan)
         for b in plan.byte_items:  # blobs first in each file, as torch's writer does
-            self.writer.declare_bytes(b.key)
             self.writer.write_bytes(b.key, bytes.fromhex(b.payload_hex), self.files.index(b.file))
         self._handle: _ChunkHandle | None = None
 
@@ -53,6 +46,19 @@ class DcpSink:
     def end(self, item: OutputItem) -> None:
         self._handle.finish()
         self._handle = None
+
+    @staticmethod
+    def declare(writer: DcpWriter, plan: Plan) -> None:
+        """Every global tensor of ``plan`` with its chunks, and its blobs, in ``.metadata``'s order."""
+        chunks: dict[str, list[OutputItem]] = {}
+        for it in plan.items:
+            chunks.setdefault(it.key, []).append(it)
+        for key in chunks:
+            its = sorted(chunks[key], key=lambda i: i.offsets)
+            writer.declare_tensor(key, BY_NAME[its[0].dtype], its[0].global_shape,
+                                  [(i.offsets, i.shape) for i in its])
+        for b in plan.byte_items:
+            writer.declare_bytes(b.key)
 
     def finish(self, checkpoint_id: str) -> None:
         self.writer.finish(checkpoint_id)

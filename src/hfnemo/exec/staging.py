@@ -90,13 +90,14 @@ def check_disk(where: Path, need: int, planned: int) -> None:
 
 # ------------------------------------------------------------------------------ finishing
 
-def write_final_manifest(staging: Path, journal: Journal, plan: Plan, plan_sha: str) -> None:
-    """Hash (and fsync) the side files, take the streamed hashes of the tensor files, fsync every
-    directory, write the manifest, then drop the journal: the staging directory is the output."""
-    streamed = journal.digests()
+def write_final_manifest(staging: Path, streamed: dict[str, tuple[int, str]], plan: Plan, plan_sha: str,
+                         journals: tuple[str, ...] = (JOURNAL,)) -> None:
+    """Hash (and fsync) the side files, take the streamed hashes of the tensor files (``streamed``:
+    the journals' digests), fsync every directory, write the manifest, then drop the journals: the
+    staging directory is the output."""
     entries: dict[str, tuple[int, str]] = {}
     dirs = {staging}
-    for rel in walk_files(staging, skip=(MANIFEST, JOURNAL)):
+    for rel in walk_files(staging, skip=(MANIFEST, *journals)):
         p = staging / rel
         dirs.add(p.parent)
         size = p.stat().st_size
@@ -116,11 +117,12 @@ def write_final_manifest(staging: Path, journal: Journal, plan: Plan, plan_sha: 
     write_manifest(staging, entries, {"plan_sha256": plan_sha, "direction": plan.direction, "arch": plan.arch,
                                       "total_bytes": sum(s for s, _ in entries.values())})
     fault_point("journal-unlink")
-    (staging / JOURNAL).unlink()
+    for name in journals:
+        (staging / name).unlink(missing_ok=True)
     fsync_dir(staging)
 
 
-def _complete(staging: Path, plan_sha: str) -> bool:
+def complete(staging: Path, plan_sha: str, journals: tuple[str, ...] = (JOURNAL,)) -> bool:
     """A staging directory whose manifest is for this plan and checks out (a run that died between
     the manifest and the rename)."""
     if not (staging / MANIFEST).is_file():
@@ -130,7 +132,7 @@ def _complete(staging: Path, plan_sha: str) -> bool:
             return False
     except ManifestError:
         return False
-    return not check_manifest(staging, skip=(JOURNAL,))
+    return not check_manifest(staging, skip=journals)
 
 
 # ------------------------------------------------------------------------------ the run
@@ -170,7 +172,7 @@ def run_staged(plan: Plan, src: Path, dst: Path, index: Any, restart: bool,
         shutil.rmtree(staging) if staging.is_dir() and not staging.is_symlink() else staging.unlink()
     journal = Journal(staging, fp)
     journal.inspect()
-    if staging.is_dir() and _complete(staging, plan_sha):
+    if staging.is_dir() and complete(staging, plan_sha):
         if (staging / JOURNAL).exists():
             (staging / JOURNAL).unlink()
         publish(staging, dst)
@@ -183,7 +185,7 @@ def run_staged(plan: Plan, src: Path, dst: Path, index: Any, restart: bool,
                 warnings.warn(note, stacklevel=3)
             execute_into(staging, journal)
             journal.stop()
-            write_final_manifest(staging, journal, plan, plan_sha)
+            write_final_manifest(staging, journal.digests(), plan, plan_sha)
             fault_point("publish")
             publish(staging, dst)
             return journal.resumed_bytes

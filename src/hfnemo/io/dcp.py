@@ -305,19 +305,23 @@ class ChunkLocator:
 # ----------------------------------------------------------------------------------- writing
 
 class DcpWriter:
-    """Writes ``__0_<i>.distcp`` files item by item, then ``.metadata`` last.
+    """Writes its ``.distcp`` files (``names``) item by item, then ``.metadata`` last.
+
+    Several writers may write one checkpoint (hfnemo.dist: one per process, each its own files):
+    each closes its files (:meth:`close`), and one of them adds the others' ``storage_data`` to its
+    own and writes ``.metadata`` (:meth:`write_metadata`).
 
     ``opener(path)`` opens each data file (default: a fresh :class:`OutFile`; the resume journal
     passes one that keeps the bytes a previous run wrote)."""
 
-    def __init__(self, weights_dir: str | Path, n_files: int, prefix: str = "__0_",
+    def __init__(self, weights_dir: str | Path, names: list[str],
                  opener: Callable[[Path], OutFile] = OutFile) -> None:
         prewarm(*_DCP_MODULES)
         self.root = Path(weights_dir)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.names = [f"{prefix}{i}.distcp" for i in range(n_files)]
+        self.names = list(names)
         self.files = [opener(self.root / n) for n in self.names]
-        self.pos = [0] * n_files
+        self.pos = [0] * len(self.names)
         self.state_dict_metadata: dict[str, object] = {}
         self.storage_data: dict = {}
 
@@ -340,8 +344,16 @@ class DcpWriter:
         return _ChunkHandle(self, fqn, offsets, dtype, shape, file)
 
     def finish(self, checkpoint_id: str) -> None:
+        self.close()
+        self.write_metadata(checkpoint_id)
+
+    def close(self) -> None:
+        """fsync and close the data files (idempotent)."""
         for f in self.files:
             f.close(sync=True)
+
+    def write_metadata(self, checkpoint_id: str) -> None:
+        """``.metadata`` for every declared tensor, from ``storage_data`` (where each chunk is)."""
         tensor_keys = [k for k, v in self.state_dict_metadata.items() if v[0] == "tensor"]
         sdm: dict[str, object] = {}
         for k, v in self.state_dict_metadata.items():

@@ -170,10 +170,14 @@ EXTRA_STATE_PAYLOAD = archive_bytes(object_pickle([None]))  # what a non-FP8 run
 
 
 def layout_nemo(spec: ArchSpec, dims: Dims, logicals: list[Logical], dtype: str, *, prefix: str = "module.",
-                n_files: int = 2, tp: int = 1) -> tuple[list[OutputItem], list[BytesItem], list[str]]:
+                n_files: int = 2, tp: int = 1, writers: int = 1) -> tuple[list[OutputItem], list[BytesItem], list[str]]:
     """Stack per-layer tensors on a leading axis, one chunk per layer (two for GLU fc1) and per
-    tensor-parallel rank: each rank then reads exactly its own chunks."""
-    names = [f"__0_{i}.distcp" for i in range(n_files)]
+    tensor-parallel rank: each rank then reads exactly its own chunks.
+
+    ``writers`` processes write the checkpoint together (hfnemo.dist): writer ``w`` owns the files
+    ``__<w>_<i>.distcp``, as torch DCP names each rank's files, and the chunks are spread over all
+    ``writers x n_files`` files by size, so every writer gets an equal share of the bytes."""
+    names = [f"__{w}_{i}.distcp" for w in range(writers) for i in range(n_files)]
     pending: list[OutputItem] = []
     for lg in logicals:
         m = _EXPERT_NAME.match(lg.name)
@@ -227,7 +231,7 @@ def layout_nemo(spec: ArchSpec, dims: Dims, logicals: list[Logical], dtype: str,
         byte_keys += [f"{prefix}decoder.layers.{mod}._extra_state/shard_{l}_{L}" for mod in spec.extra_state]
         byte_keys += [f"{prefix}decoder.layers.{mod}._extra_state/shard_{l}.{e}_{L}.{E}"
                       for e in range(E) for mod in spec.expert_extra_state]
-    byte_files, tensor_files = _split_files(items, byte_keys, n_files)
+    byte_files, tensor_files = _split_files(items, byte_keys, len(names))
     items = [OutputItem(**{**it.__dict__, "file": names[f]}) for it, f in zip(items, tensor_files)]
     blobs = [BytesItem(k, EXTRA_STATE_PAYLOAD.hex(), names[f]) for k, f in zip(byte_keys, byte_files)]
     # Write order: each file's blobs, then its tensors largest first (as torch's writer does).
