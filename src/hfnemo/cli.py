@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from hfnemo import prefetch
 from hfnemo.errors import ConversionError, UsageError
 
 
@@ -258,6 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # NVIDIA's `nemo llm import -y k=v ...`: -y may sit between the action and the key=values,
         # which argparse cannot interleave with a variadic positional.
         argv = [a for a in argv if a not in ("-y", "--yes")]
+    # Read the source ahead while the parser's tools import torch and the conversion plans
+    # (hfnemo.prefetch: bounded, stops at the conversion's first read, HFNEMO_PREFETCH=0 turns it off).
+    prefetch.start_for_argv(argv, _common)
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "tool", None) is not None:

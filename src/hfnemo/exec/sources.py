@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from hfnemo import prefetch
 from hfnemo.errors import CorruptCheckpoint
 from hfnemo.io.dcp import ChunkLocator, DcpIndex, GlobalTensor
 from hfnemo.io.fileio import FileCache, pread_into
@@ -82,6 +83,12 @@ class RowReader:
         self.files = FileCache()
         self.index = index
         self.locator = ChunkLocator(index) if index is not None else None
+        self._started = False
+
+    def _first_read(self) -> None:
+        # The conversion reads now: the start-up read-ahead (hfnemo.prefetch) has done its part.
+        self._started = True
+        prefetch.stop()
 
     def close(self) -> None:
         self.files.close()
@@ -92,6 +99,8 @@ class RowReader:
         False when not possible: the caller then reads whole rows and cuts."""
         if src.location[0] != "safetensors" or len(src.shape) != 2 or _C is None:
             return False
+        if not self._started:
+            self._first_read()
         _, path, offset = src.location
         itemsize = BY_NAME[src.dtype].itemsize
         row_bytes, width = src.shape[1] * itemsize, cols * itemsize
@@ -106,6 +115,8 @@ class RowReader:
         return True
 
     def read_rows(self, src: SourceTensor, r0: int, r1: int, dest: memoryview) -> None:
+        if not self._started:
+            self._first_read()
         kind = src.location[0]
         itemsize = BY_NAME[src.dtype].itemsize
         row_bytes = itemsize
