@@ -85,7 +85,7 @@ def test_metadata_unpickler_refuses_code(tmp_path: Path) -> None:
 
 
 def _write(root: Path, fqn: str, full: torch.Tensor, chunks: list[tuple[tuple, tuple]]) -> None:
-    w = DcpWriter(root, 2)
+    w = DcpWriter(root, ["__0_0.distcp", "__0_1.distcp"])
     dt = BY_TORCH[full.dtype]
     w.declare_tensor(fqn, dt, tuple(full.shape), chunks)
     for i, (off, size) in enumerate(chunks):

@@ -228,7 +228,7 @@ def test_index_json_edits(work: Path, index: object) -> None:
 
 def _make_dcp(root: Path) -> None:
     full = torch.arange(24, dtype=torch.float32).view(4, 6)
-    w = DcpWriter(root, 2)
+    w = DcpWriter(root, ["__0_0.distcp", "__0_1.distcp"])
     chunks = [((0, 0), (2, 6)), ((2, 0), (2, 6))]
     w.declare_tensor("module.w", BY_TORCH[torch.float32], (4, 6), chunks)
     w.declare_bytes("module.extra")

@@ -495,7 +495,8 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
         _refuse_tar_writers(Path(dst))
         nemo_tar.refuse_format(format, Path(dst))
         format = "nemo1-dist" if format == "nemo1-dist" else "nemo1"
-    with dist.session(device) as group:
+    writes_dcp = format in _DCP_FORMATS and (to == "nemo" or to is None and not is_nemo_dir(Path(src).expanduser()))
+    with dist.session(device, dcp_metadata=writes_dcp) as group:
         job = dist.agreed(group, lambda: _job(src, to, dtype, max_memory, max_shard_size, tp, pp, ep, format,
                                               overrides))
         if tar:
@@ -982,7 +983,7 @@ def reshard(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1, ep: i
         _refuse_tar_writers(Path(dst))
         nemo_tar.refuse_format(format, Path(dst))
         format = "nemo1-dist" if format == "nemo1-dist" else "nemo1"
-    with dist.session(device) as group:
+    with dist.session(device, dcp_metadata=format in (None, *_DCP_FORMATS)) as group:
         job = dist.agreed(group, lambda: _plan_reshard(path, format, _dtype(dtype), budget, tp, pp, ep))
         if tar:
             return _run_tar(job, dst, overwrite, progress, device, threads)

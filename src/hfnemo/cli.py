@@ -54,7 +54,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, default=1, help="NeMo output: pipeline-parallel size (checked)")
     p.add_argument("--ep", type=int, default=1, help="NeMo output: expert-parallel size (checked)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where kernels run")
-    p.add_argument("--threads", type=int, default=None, help="CPU kernel threads")
+    p.add_argument("--threads", type=int, default=None, help="CPU kernel threads (default: the cores, shared by the "
+                                                              "ranks of a machine)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="write with N processes on this machine, as torchrun --nproc-per-node N would "
+                        "(each its share of the files; --max-memory holds per process)")
     p.add_argument("--format", default=None, choices=["nemo2", "nemo1", "nemo1-dist", "megatron"],
                    help="NeMo output format: nemo2 (DCP, default for import), nemo1 (.nemo directory with "
                         "per-rank model_weights.ckpt; an output path ending in .nemo is written as the "
@@ -126,7 +130,26 @@ def _say(args: argparse.Namespace, text: str) -> None:
         print(text, file=sys.stderr)
 
 
+def _without_workers(argv: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--workers":
+            skip = True
+        elif not a.startswith("--workers="):
+            out.append(a)
+    return out
+
+
 def _run_convert(args: argparse.Namespace, src: str, dst: str, to: str) -> int:
+    from hfnemo import dist
+
+    if args.workers is not None and args.workers != 1:
+        # N ranks on this machine (hfnemo.dist), each running this command line without --workers
+        return dist.spawn(args.workers, main, _without_workers(args.argv), mode="cli")
+    if dist.rank() > 0:  # rank 0 reports for the world
+        args.quiet, args.json = True, False
     from hfnemo import kernels
     from hfnemo.api import convert
 
@@ -263,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (hfnemo.prefetch: bounded, stops at the conversion's first read, HFNEMO_PREFETCH=0 turns it off).
     prefetch.start_for_argv(argv, _common)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         if getattr(args, "tool", None) is not None:
             return args.tool(args)
@@ -309,6 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "llm":
             return _llm(args)
     except ConversionError as e:
+        from hfnemo import dist
+
+        if getattr(e, "quiet", False) or (isinstance(e, UsageError) and dist.rank() > 0):
+            return e.exit_code  # rank 0 reports another rank's failure, and a usage error is every rank's
         if getattr(args, "json", False):
             print(json.dumps(e.to_json()))
         print(f"hfnemo: error: {e}", file=sys.stderr)

@@ -234,9 +234,9 @@ class Group:
 
 
 @contextmanager
-def session(device: str = "cpu") -> Iterator[Group | None]:
+def session(device: str = "cpu", dcp_metadata: bool = True) -> Iterator[Group | None]:
     """The process group of one conversion (see :func:`join`), left at the end."""
-    group = join(device)
+    group = join(device, dcp_metadata)
     try:
         yield group
     finally:
@@ -249,9 +249,10 @@ def agreed(group: Group | None, fn: Callable[[], Any]) -> Any:
     return fn() if group is None else group.agree(fn, gather=False)
 
 
-def join(device: str = "cpu") -> Group | None:
+def join(device: str = "cpu", dcp_metadata: bool = True) -> Group | None:
     """The process group of this conversion, when the environment names a world of several ranks
-    (joined here if torch.distributed is not initialised yet); None for a single process."""
+    (joined here if torch.distributed is not initialised yet); None for a single process.
+    ``dcp_metadata``: the output is DCP, whose .metadata rank 0 writes."""
     rank, size = world()
     if size == 1:
         return None
@@ -265,6 +266,15 @@ def join(device: str = "cpu") -> Group | None:
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
     owned = not tdist.is_initialized()
+    if owned and rank == 0 and dcp_metadata:
+        # Rank 0 writes DCP's .metadata with torch's classes. Importing them while a process group
+        # exists keeps that group alive past destroy_process_group (torch 2.13: its gloo threads then
+        # race the interpreter's exit and abort it), so they are imported before the group.
+        from hfnemo import lazy
+        from hfnemo.io import dcp
+
+        dcp.prewarm_writer()
+        lazy.join_all()
     if owned:
         cuda = device in ("cuda", "auto") and torch.cuda.is_available()
         if cuda:
@@ -368,7 +378,7 @@ def run_staged(group: Group, plan: Any, src: Path, dst: Path, index: Any, restar
     if group.agree(preflight)[0]:
         return plan.write_bytes  # a previous run had finished all but the rename
     group.staging = staging
-    journal = Journal(staging, ctx["fp"], name=names[me], scope=scope)
+    journal = Journal(staging, ctx["fp"], name=names[me], scope=scope, siblings=names)
     journal.prune = me == 0
 
     def inspect() -> int:
@@ -458,13 +468,27 @@ def _worker(rank: int, size: int, port: int, mode: str, fn: Callable[..., Any], 
     signal.signal(signal.SIGTERM, on_term)
     try:
         result = fn(*args, **kwargs)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     except BaseException as e:  # noqa: BLE001 - reported to the parent
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         o = _outcome_of(e)
         if isinstance(e, PeerFailed):
             o.kind = "PeerFailed" if e.quiet else "ConversionError"
         queue.put((rank, o))
         sys.exit(o.exit_code)
     queue.put((rank, _Outcome(True, result if rank == 0 else None)))
+
+
+STOP_GRACE_S = 20.0
+
+
+def _signal(procs: list[Any], sig: int) -> None:
+    for p in procs:
+        if p.exitcode is None:
+            try:
+                os.kill(p.pid, sig)
+            except ProcessLookupError:
+                pass
 
 
 def spawn(n: int, fn: Callable[..., Any], *args: Any, mode: str = "api", **kwargs: Any) -> Any:
@@ -485,25 +509,34 @@ def spawn(n: int, fn: Callable[..., Any], *args: Any, mode: str = "api", **kwarg
              for r in range(n)]
     for p in procs:
         p.start()
-    stopping = False
+    failed_at = stopped_at = None
+    first_killed: list[int] = []  # ranks that died by a signal before the others were stopped
     try:
         while any(p.exitcode is None for p in procs):
             for p in procs:
                 p.join(0.1)
-            if not stopping and any(p.exitcode is not None and p.exitcode < 0 for p in procs):
-                stopping = True  # a rank was killed: the others save their journals and stop
-                for p in procs:
-                    if p.exitcode is None:
-                        os.kill(p.pid, signal.SIGTERM)
+            now = time.monotonic()
+            codes = [p.exitcode for p in procs]
+            if failed_at is None and any(c for c in codes if c is not None):
+                failed_at = now
+            if stopped_at is None:
+                first_killed += [r for r, c in enumerate(codes) if c is not None and c < 0 and r not in first_killed]
+            # A rank killed by a signal cannot tell the others: they are stopped (SIGTERM: their
+            # journals are saved); a rank that failed on its own gives the others time to hear of it.
+            if stopped_at is None and failed_at is not None and (
+                    any(c is not None and c < 0 for c in codes) or now - failed_at > STOP_GRACE_S):
+                stopped_at = now
+                _signal(procs, signal.SIGTERM)
+            if stopped_at is not None and now - stopped_at > STOP_GRACE_S:
+                _signal(procs, signal.SIGKILL)  # blocked where a signal handler cannot run
     except KeyboardInterrupt:
+        _signal(procs, signal.SIGTERM)
         for p in procs:
-            if p.exitcode is None:
-                os.kill(p.pid, signal.SIGTERM)
-        for p in procs:
-            p.join()
+            p.join(STOP_GRACE_S)
+        _signal(procs, signal.SIGKILL)
         raise
     codes = [p.exitcode for p in procs]
-    killed = [r for r, c in enumerate(codes) if c is not None and c < 0]
+    killed = first_killed or [r for r, c in enumerate(codes) if c is not None and c < 0]
     if mode == "cli":
         if killed:
             print(f"hfnemo: rank {killed[0]} of {n} was killed by signal {-codes[killed[0]]}; no output was "
@@ -521,15 +554,13 @@ def spawn(n: int, fn: Callable[..., Any], *args: Any, mode: str = "api", **kwarg
     if first is not None and first.ok and not any(codes):
         return first.value
     own = [(r, o) for r, o in sorted(outs.items()) if not o.ok and o.kind != "PeerFailed"]
-    if first is not None and not first.ok and first.kind != "PeerFailed":
-        o = first
-    elif own:
-        o = own[0][1]
-    else:
+    if killed or not own:
         what = (f"rank {killed[0]} of {n} was killed by signal {-codes[killed[0]]}" if killed
                 else f"the ranks exited with {codes}")
         raise PeerFailed(f"{what}; no output was published (the source is untouched)",
-                         fix="re-run the same command to resume from the work kept beside the output")
+                         fix="re-run the same command to resume from the work kept beside the output, or pass "
+                             "restart=True to start over")
+    o = first if first is not None and not first.ok and first.kind != "PeerFailed" else own[0][1]
     if o.interrupted:
         raise KeyboardInterrupt()
     cls = getattr(errors, o.kind, None)

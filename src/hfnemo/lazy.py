@@ -6,6 +6,7 @@ per-module import locks make a concurrent first use wait for that import, never 
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import threading
 from types import ModuleType
@@ -38,10 +39,25 @@ def _import_quietly(names: tuple[str, ...]) -> None:
             return
 
 
+_threads: list[threading.Thread] = []
+
+
+def join_all() -> None:
+    """At exit, let a prewarm finish: a daemon thread still inside an extension module's import when
+    the interpreter shuts down is unwound through C++ frames that cannot be (std::terminate), as a
+    rank that never writes .metadata (hfnemo.dist) found."""
+    for t in list(_threads):
+        t.join()
+
+
 def prewarm(*names: str) -> None:
     """Import ``names`` in a background daemon thread (once per process)."""
     with _lock:
         todo = tuple(n for n in names if n not in _started)
         _started.update(todo)
+        if todo and not _threads:
+            atexit.register(join_all)
     if todo:
-        threading.Thread(target=_import_quietly, args=(todo,), name="hfnemo-prewarm", daemon=True).start()
+        t = threading.Thread(target=_import_quietly, args=(todo,), name="hfnemo-prewarm", daemon=True)
+        _threads.append(t)
+        t.start()

@@ -160,7 +160,8 @@ class Journal:
     """
 
     def __init__(self, root: Path, fp: dict[str, Any], commit_every: int | None = None, *,
-                 name: str = JOURNAL, scope: Callable[[str], bool] | None = None) -> None:
+                 name: str = JOURNAL, scope: Callable[[str], bool] | None = None,
+                 siblings: tuple[str, ...] = (JOURNAL,)) -> None:
         self.root = Path(root)
         self.path = self.root / name
         # Several processes may write one staging directory (hfnemo.dist), each with a journal of its
@@ -169,6 +170,7 @@ class Journal:
         # of the first writer (``prune``).
         self.scope = scope
         self.prune = scope is None
+        self.siblings = siblings  # the journals of every writer of this conversion
         self.fingerprint = fp
         self.commit_every = commit_every or commit_bytes()
         self.prior: _Prior | None = None
@@ -198,7 +200,16 @@ class Journal:
     def inspect(self) -> None:
         """Read an existing journal (no data). Raises ResumeMismatch when it belongs to another
         conversion; a directory without a readable journal is simply started afresh by begin()."""
-        if not self.root.is_dir() or not self.path.is_file():
+        if not self.root.is_dir():
+            return
+        foreign = sorted(p.name for p in self.root.glob("hfnemo-journal*.jsonl") if p.name not in self.siblings)
+        if foreign and not self.path.is_file():
+            by = "one process" if foreign == [JOURNAL] else f"{len(foreign)} or more ranks"
+            raise ResumeMismatch(
+                f"{self.root} holds an interrupted conversion written by {by} ({', '.join(foreign)})",
+                file=self.root, fix="re-run it with the same number of processes (--workers / torchrun) to resume "
+                                    "it, or pass --restart to discard it")
+        if not self.path.is_file():
             return
         prior = _parse(self.path)
         if prior is None:

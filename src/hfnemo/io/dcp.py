@@ -34,10 +34,15 @@ _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.chec
 DCP_IMPORT_RESERVE = 64 << 20
 
 
+def _writes_metadata() -> bool:
+    """Of several ranks writing one checkpoint (hfnemo.dist), rank 0 alone writes .metadata."""
+    return os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1"
+
+
 def prewarm_writer() -> int:
     """Start importing torch's DCP classes in the background (a writer needs them for .metadata);
     returns the bytes the caller's memory budget should reserve for that import (0 once loaded)."""
-    if all(m in sys.modules for m in _DCP_MODULES):
+    if all(m in sys.modules for m in _DCP_MODULES) or not _writes_metadata():
         return 0
     prewarm(*_DCP_MODULES)
     return DCP_IMPORT_RESERVE
@@ -316,7 +321,7 @@ class DcpWriter:
 
     def __init__(self, weights_dir: str | Path, names: list[str],
                  opener: Callable[[Path], OutFile] = OutFile) -> None:
-        prewarm(*_DCP_MODULES)
+        prewarm_writer()
         self.root = Path(weights_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.names = list(names)
