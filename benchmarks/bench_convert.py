@@ -419,7 +419,56 @@ def cached_fraction(paths) -> float | None:
 # --------------------------------------------------------------------------- #
 
 
+def floor_parallel(src: str, dst: str, streams: int, do_fsync: bool) -> None:
+    """The copy floor with ``streams`` threads, each copying its contiguous share of every file's
+    bytes (pread/pwrite, 16 MiB buffers): the floor for ``--workers N``, where the disk's own
+    parallelism, not one stream's latency, is the limit."""
+    import threading
+
+    t0 = time.perf_counter()
+    srcp, dstp = Path(src), Path(dst)
+    jobs = []
+    for f in all_files(srcp):
+        out = dstp / f.relative_to(srcp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        size = f.stat().st_size
+        fo = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(fo, size)
+        jobs.append((os.open(f, os.O_RDONLY), fo, size))
+    totals = [0] * streams
+
+    def copy(k: int) -> None:
+        buf = bytearray(BUF)
+        mv = memoryview(buf)
+        for fi, fo, size in jobs:
+            a, b = size * k // streams, size * (k + 1) // streams
+            while a < b:
+                n = os.preadv(fi, [mv[:min(BUF, b - a)]], a)
+                if n <= 0:
+                    break
+                w = 0
+                while w < n:
+                    w += os.pwrite(fo, mv[w:n], a + w)
+                a += n
+                totals[k] += n
+
+    threads = [threading.Thread(target=copy, args=(k,)) for k in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for fi, fo, _ in jobs:
+        if do_fsync:
+            os.fsync(fo)
+        os.close(fi)
+        os.close(fo)
+    print(json.dumps({"bytes": sum(totals), "inner_s": time.perf_counter() - t0, "mode": f"rw{streams}",
+                      "fsync": do_fsync}))
+
+
 def floor_worker(src: str, dst: str, mode: str, do_fsync: bool) -> None:
+    if mode.startswith("rw") and mode[2:].isdigit():
+        return floor_parallel(src, dst, int(mode[2:]), do_fsync)
     t0 = time.perf_counter()
     total = 0
     buf = bytearray(BUF)
@@ -540,6 +589,7 @@ class Bench:
         self.machine = machine
         self.budget = mw.parse_size(args.max_memory)
         self.floor_s_per_byte: float | None = None
+        self.workers = [int(x) for x in str(args.workers).split(",") if x.strip()]
         self.failed = False
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join(
@@ -562,7 +612,8 @@ class Bench:
         sync_s = time.perf_counter() - t0
         return m, sync_s, cached
 
-    def series(self, bench: str, argv, inputs, output: Path, nbytes: int, *, is_floor=False, report_fn=None):
+    def series(self, bench: str, argv, inputs, output: Path, nbytes: int, *, is_floor=False, report_fn=None,
+               extra: dict | None = None):
         runs = []
         last = None
         for r in range(self.args.repeat):
@@ -574,7 +625,7 @@ class Bench:
             if not m.ok:
                 break
             runs.append((m, sync_s, cached))
-        rec = {"bench": bench, "bytes": nbytes, "repeat": self.args.repeat}
+        rec = {"bench": bench, "bytes": nbytes, "repeat": self.args.repeat, **(extra or {})}
         if not runs or not last.ok:
             self.failed = True
             rec.update({
@@ -653,16 +704,23 @@ class Bench:
                     "1" if self.args.fsync_floor else "0"]
             self.series(bench, argv, [src], out, nbytes, is_floor=True, report_fn=rep)
             shutil.rmtree(out, ignore_errors=True)
+        for n in self.workers:  # what N streams of the same bytes take: the disk's limit for N ranks
+            if n > 1:
+                out = run / "floor"
+                argv = [sys.executable, str(Path(__file__).resolve()), "--_floor", str(src), str(out), f"rw{n}",
+                        "1" if self.args.fsync_floor else "0"]
+                self.series("copy_floor_parallel", argv, [src], out, nbytes, report_fn=rep, extra={"streams": n})
+                shutil.rmtree(out, ignore_errors=True)
 
-    def hfnemo(self, verb: str, src: Path, out: Path, *, measured: bool = True):
-        argv = self.cmd + [verb, str(src), str(out),
+    def hfnemo(self, verb: str, src: Path, out: Path, *, measured: bool = True, workers: int = 1):
+        argv = self.cmd + [verb, str(src), str(out), *(["--workers", str(workers)] if workers > 1 else []),
                 "--max-memory", self.args.max_memory, "--quiet", "--json", "--overwrite",
                 "--device", self.args.device, *(["--threads", str(self.args.threads)] if self.args.threads else [])]
         if verb == "import" and self.args.tp > 1:
             argv += ["--tp", str(self.args.tp)]
         nbytes = dir_bytes(src)
         if measured:
-            return self.series(verb, argv, [src], out, nbytes)
+            return self.series(verb, argv, [src], out, nbytes, extra={"workers": workers})
         m, _, _ = self.one(argv, [src], out)
         log(f"setup {verb}: rc={m.returncode} wall={m.wall_s:.2f}s")
         if not m.ok:
@@ -684,6 +742,9 @@ def main(argv=None) -> int:
                     help="comma list of floor, import, export (default all)")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     ap.add_argument("--tp", type=int, default=1, help="import with --tp N (tensor-parallel chunks)")
+    ap.add_argument("--workers", default="1",
+                    help="comma list of hfnemo --workers N to measure, e.g. 1,2,4,8 (each with the N-stream "
+                         "copy floor, copy_floor_parallel)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="hfnemo --device")
     ap.add_argument("--threads", type=int, default=None, help="hfnemo --threads")
     ap.add_argument("--small", action="store_true", help="~1.1 GB Llama-3-8B-width variant")
@@ -755,7 +816,8 @@ def main(argv=None) -> int:
         hf_out = run / "hf_out"
         imported = None
         if "import" in only:
-            imported = b.hfnemo("import", src, nemo)
+            for n in b.workers:
+                imported = b.hfnemo("import", src, nemo, workers=n)
         elif "export" in only:
             imported = b.hfnemo("import", src, nemo, measured=False)
         if "export" in only:
@@ -763,7 +825,8 @@ def main(argv=None) -> int:
                 b.failed = True
                 emit({"bench": "export", "error": "skipped: import failed", "machine": machine})
             else:
-                b.hfnemo("export", nemo, hf_out)
+                for n in b.workers:
+                    b.hfnemo("export", nemo, hf_out, workers=n)
     finally:
         if not args.keep:
             shutil.rmtree(run, ignore_errors=True)
