@@ -208,3 +208,24 @@ def test_owners_balanced(hf_src: Path, single: Path) -> None:
         finally:
             del os.environ["WORLD_SIZE"]
         dist.owners(p4, 2)
+
+
+@pytest.mark.slow
+def test_memory_budget_holds_per_rank(tmp_path: Path) -> None:
+    """Two ranks under --max-memory 512MiB, one of them streaming a 573 MB embedding: the process
+    tree (launcher and both ranks, summed PSS) stays under two budgets."""
+    from test_memory_bound import BUDGET, build_big_embedding_model
+
+    from hfnemo.memwatch import run_and_measure
+
+    src = tmp_path / "hf"
+    build_big_embedding_model(src)
+    m = run_and_measure(CLI + ["import", str(src), str(tmp_path / "nemo"), "--workers", "2", "--max-memory",
+                               str(BUDGET), "--quiet"], env=ENV)
+    assert m.returncode == 0, m.stderr
+    assert m.peak_nprocs >= 3
+    assert m.peak_pss_bytes <= 2 * BUDGET, (m.peak_pss_bytes, 2 * BUDGET)
+    # every tensor against the source, streamed in another process (this one's peak RSS stays small)
+    r = subprocess.run(CLI + ["verify", str(src), str(tmp_path / "nemo"), "--max-memory", "512MiB"],
+                       capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0 and "EQUAL" in r.stdout, r.stdout + r.stderr

@@ -1,5 +1,5 @@
-import sys
-
+from hfnemo import dist
 from hfnemo.cli import main
 
-sys.exit(main())
+dist.EXIT_FAST = True  # ended by dist.exit(): a rank need not wait for torch's DCP import (dist.join)
+dist.exit(main())

@@ -45,6 +45,41 @@ JOURNAL_FMT = "hfnemo-journal-{rank}.jsonl"
 TIMEOUT = datetime.timedelta(hours=48)
 
 
+def _since_start() -> float:
+    """Seconds since this process started (from /proc; since the first call elsewhere)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) - start
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+
+
+def trace(what: str) -> None:
+    """``HFNEMO_TRACE=1``: one line per phase on stderr, seconds since the process started."""
+    if os.environ.get("HFNEMO_TRACE"):
+        print(f"hfnemo[rank {os.environ.get('RANK', '0')}] {_since_start():8.3f}s {what}", file=sys.stderr, flush=True)
+
+
+# Set by the command line (``python -m hfnemo``, a ``--workers`` rank), which ends through exit():
+# a rank then leaves without the interpreter's finalisation, so rank 0 need not import torch's DCP
+# classes before joining the group (see join()).
+EXIT_FAST = False
+
+
+def exit(code: int) -> None:  # noqa: A001 - the process's exit, as sys.exit
+    """End the process with ``code``. A rank of a world of several (every file it wrote is closed
+    and fsynced by now) leaves with os._exit: torch keeps a gloo group alive past
+    destroy_process_group once the DCP classes were imported while it existed, and its threads
+    then race the interpreter's finalisation (std::terminate)."""
+    if writers() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) from the launcher's environment; (0, 1) outside one."""
     try:
@@ -266,15 +301,17 @@ def join(device: str = "cpu", dcp_metadata: bool = True) -> Group | None:
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
     owned = not tdist.is_initialized()
-    if owned and rank == 0 and dcp_metadata:
+    if owned and rank == 0 and dcp_metadata and not EXIT_FAST:
         # Rank 0 writes DCP's .metadata with torch's classes. Importing them while a process group
         # exists keeps that group alive past destroy_process_group (torch 2.13: its gloo threads then
-        # race the interpreter's exit and abort it), so they are imported before the group.
+        # race the interpreter's exit and abort it), so they are imported before the group, unless
+        # the process ends through exit() (the command line), which skips that race.
         from hfnemo import lazy
         from hfnemo.io import dcp
 
         dcp.prewarm_writer()
         lazy.join_all()
+    trace("joining the process group")
     if owned:
         cuda = device in ("cuda", "auto") and torch.cuda.is_available()
         if cuda:
@@ -284,6 +321,7 @@ def join(device: str = "cpu", dcp_metadata: bool = True) -> Group | None:
     elif tdist.get_world_size() != size or tdist.get_rank() != rank:
         raise UsageError("torch.distributed is initialised with another world than RANK/WORLD_SIZE say",
                          fix="call hfnemo in the process group it was launched with")
+    trace("joined")
     return Group(rank, size, local_rank, local_size, owned)
 
 
@@ -375,6 +413,7 @@ def run_staged(group: Group, plan: Any, src: Path, dst: Path, index: Any, restar
         staging.mkdir(exist_ok=True)
         return False
 
+    trace("planned")
     if group.agree(preflight)[0]:
         return plan.write_bytes  # a previous run had finished all but the rename
     group.staging = staging
@@ -393,6 +432,7 @@ def run_staged(group: Group, plan: Any, src: Path, dst: Path, index: Any, restar
         journal.begin()  # verify and keep this rank's files, or clear them
 
     group.agree(check_disk)
+    trace("journals ready")
     for note in journal.notes:
         import warnings
 
@@ -404,6 +444,7 @@ def run_staged(group: Group, plan: Any, src: Path, dst: Path, index: Any, restar
             bar.update(journal.done, 0, force=True)  # a resumed share's kept bytes
             value = write_share(staging, mine, journal, bar.update)
             journal.stop()
+            trace(f"share written ({mine.write_bytes} bytes)")
             return value, journal.digests(), journal.resumed_bytes
         except ConversionError:
             journal.stop()
@@ -440,7 +481,9 @@ def run_staged(group: Group, plan: Any, src: Path, dst: Path, index: Any, restar
         fault_point("publish")
         publish(staging, dst)
 
+    trace("all shares written")
     group.agree(publish_all)
+    trace("published")
     if progress is not None and me == 0:
         progress(plan.write_bytes, plan.write_bytes)
     return sum(r for _, _, r in results)
@@ -460,7 +503,9 @@ def _worker(rank: int, size: int, port: int, mode: str, fn: Callable[..., Any], 
                        "LOCAL_WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        "HFNEMO_WORKER": "1"})
     if mode == "cli":
-        sys.exit(fn(*args, **kwargs))
+        global EXIT_FAST
+        EXIT_FAST = True
+        exit(fn(*args, **kwargs))
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt()
