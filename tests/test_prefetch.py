@@ -159,7 +159,7 @@ def test_first_source_read_stops_it(tiny_hf_factory, tmp_path: Path, monkeypatch
     src = tiny_hf_factory("llama3_gqa")
     p = prefetch.Prefetch([str(f) for f in sorted(src.glob("*.safetensors"))], cap=1 << 30)  # never started
     monkeypatch.setattr(prefetch, "last", p)
-    hfnemo.convert(src, tmp_path / "n", max_memory="64GiB"  # in-process: the pytest process is large by now)
+    hfnemo.convert(src, tmp_path / "n", max_memory="64GiB")  # in-process: the pytest process is large by then
     assert p._stop.is_set()
 
 
