@@ -276,16 +276,48 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _early_workers(argv: Sequence[str]) -> int | None:
+    """``--workers N`` (N > 1) of a conversion command, read without the full parser."""
+    if argv[:1] not in (["import"], ["export"], ["reshard"], ["llm"]):
+        return None
+    for i, a in enumerate(argv):
+        v = argv[i + 1] if a == "--workers" and i + 1 < len(argv) else a.partition("=")[2] if a.startswith(
+            "--workers=") else None
+        if v is not None:
+            return int(v) if v.isdigit() and int(v) > 1 else None
+    return None
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line; a usage error is printed by rank 0 alone (every rank parses the same one)."""
+    from hfnemo import dist
+
+    if dist.rank() == 0:
+        return build_parser().parse_args(argv)
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        return build_parser().parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["llm"]:
         # NVIDIA's `nemo llm import -y k=v ...`: -y may sit between the action and the key=values,
         # which argparse cannot interleave with a variadic positional.
         argv = [a for a in argv if a not in ("-y", "--yes")]
+    n = _early_workers(argv)
+    if n is not None:
+        # N ranks on this machine, started before the parser (its tools import torch, seconds on a
+        # CUDA build, which this launcher does not need): each rank parses the command line itself.
+        from hfnemo import dist
+
+        return dist.spawn(n, main, _without_workers(argv), mode="cli")
     # Read the source ahead while the parser's tools import torch and the conversion plans
     # (hfnemo.prefetch: bounded, stops at the conversion's first read, HFNEMO_PREFETCH=0 turns it off).
     prefetch.start_for_argv(argv, _common)
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     args.argv = argv
     try:
         if getattr(args, "tool", None) is not None:
