@@ -167,9 +167,15 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_say_how_to_resume(hf_src: Path, tmp
     sig = signal.SIGINT if how == "SIGINT" else signal.SIGTERM
     # 16 KiB row blocks: the writes, hence the signal's point, do not follow this process's resident
     # size (with 64 MiB blocks a small pytest process made fewer than 200 writes and no signal came)
-    with block_size(16384):
-        _hook_at(200, lambda: os.kill(os.getpid(), sig))  # the handler raises in this (the main) thread
-        rc = cli.main(["import", str(hf_src), str(dst), "--quiet"])
+    # Python's own Ctrl-C handler, as a fresh `hfnemo` process has it (in the full suite an earlier
+    # test leaves another one installed in this pytest process and the SIGINT went unnoticed)
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with block_size(16384):
+            _hook_at(200, lambda: os.kill(os.getpid(), sig))  # the handler raises in this (the main) thread
+            rc = cli.main(["import", str(hf_src), str(dst), "--quiet"])
+    finally:
+        signal.signal(signal.SIGINT, old_int)
     fileio.FAULT_HOOK = None
     err = capsys.readouterr().err
     assert rc == (130 if how == "SIGINT" else 143), err
