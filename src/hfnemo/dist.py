@@ -401,8 +401,8 @@ def run_staged(group: Group, plan: Any, src: Path, dst: Path, index: Any, restar
         ctx["fp"] = fingerprint(plan, files, ctx["sha"])
         if me != 0:
             return False
-        if restart and (staging.exists() or staging.is_symlink()):
-            shutil.rmtree(staging) if staging.is_dir() and not staging.is_symlink() else staging.unlink()
+        if restart:
+            st.discard(staging)
         if staging.is_dir() and st.complete(staging, ctx["sha"], names):
             for n in names:
                 (staging / n).unlink(missing_ok=True)

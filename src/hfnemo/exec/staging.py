@@ -32,6 +32,12 @@ def staging_dir(dst: Path) -> Path:
     return dst.with_name(f".{dst.name}.hfnemo-partial")
 
 
+def discard(staging: Path) -> None:
+    """--restart: throw away what an interrupted run left (a directory, or anything in its place)."""
+    if staging.exists() or staging.is_symlink():
+        shutil.rmtree(staging) if staging.is_dir() and not staging.is_symlink() else staging.unlink()
+
+
 # ------------------------------------------------------------------------------ preflight
 
 def source_files(plan: Plan, index: Any = None) -> list[Path]:
@@ -168,8 +174,8 @@ def run_staged(plan: Plan, src: Path, dst: Path, index: Any, restart: bool,
     check_sources(files)
     plan_sha = plan_digest(plan)
     fp = fingerprint(plan, files, plan_sha)
-    if restart and (staging.exists() or staging.is_symlink()):
-        shutil.rmtree(staging) if staging.is_dir() and not staging.is_symlink() else staging.unlink()
+    if restart:
+        discard(staging)
     journal = Journal(staging, fp)
     journal.inspect()
     if staging.is_dir() and complete(staging, plan_sha):

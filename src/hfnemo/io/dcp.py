@@ -36,7 +36,9 @@ DCP_IMPORT_RESERVE = 64 << 20
 
 def _writes_metadata() -> bool:
     """Of several ranks writing one checkpoint (hfnemo.dist), rank 0 alone writes .metadata."""
-    return os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1"
+    from hfnemo.dist import rank
+
+    return rank() == 0
 
 
 def prewarm_writer() -> int:
