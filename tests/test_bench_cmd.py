@@ -62,7 +62,8 @@ def check_records(recs: dict[str, dict], verb: str, plan: dict, budget: int) -> 
     assert conv["ratio_to_floor"] == pytest.approx(conv["wall_s"] / floor["wall_s"], rel=1e-2)
     assert conv["max_memory_bytes"] == budget
     assert 0 < conv["peak_pss_bytes"] and conv["peak_over_budget"] == (conv["peak_pss_bytes"] > budget)
-    assert conv["peak_to_budget"] == pytest.approx(conv["peak_pss_bytes"] / budget, rel=1e-3)
+    # (rounded to 4 decimals: an export without torch peaks at ~1 % of a 2 GiB budget)
+    assert conv["peak_to_budget"] == pytest.approx(conv["peak_pss_bytes"] / budget, rel=1e-3, abs=5e-5)
     tl = conv["timeline"]
     assert len(tl["t_s"]) == len(tl["out_bytes"]) == len(tl["pss_bytes"]) >= 2
     assert tl["t_s"] == sorted(tl["t_s"]) and tl["out_bytes"][-1] == conv["out_bytes"]

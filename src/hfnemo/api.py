@@ -11,12 +11,11 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from hfnemo import dist
 from hfnemo.arch import get_spec, spec_for_nemo_model
@@ -35,11 +34,19 @@ from hfnemo.io import dcp
 from hfnemo.io.dcp import read_index
 from hfnemo.io.nemo_configs import STRATEGY_CONFIG_ARGS, PyRef
 from hfnemo.io.nemo_context import read_context, write_context
+from hfnemo.lazy import LazyModule
 from hfnemo.memory import current_rss, peak_rss
 from hfnemo.memwatch import parse_size
 from hfnemo.plan.plan import Plan, Segment, SourceTensor
 from hfnemo.plan.planner import (Budget, budget_plan, check_layout, layout_hf, layout_nemo, layout_ranks,
                                  map_tensors)
+
+if TYPE_CHECKING:
+    import torch
+else:
+    # A CPU conversion streams without torch; it is needed at the end only (common.pt, the DCP
+    # .metadata: imported in the background meanwhile, hfnemo.io.dcp.prewarm_writer).
+    torch = LazyModule("torch")
 
 DEFAULT_MAX_MEMORY = 2 << 30
 DEFAULT_MAX_SHARD = 5_000_000_000
@@ -292,7 +299,8 @@ def _job(src: str | Path, to: str | None, dtype: str | None, max_memory: int | s
                          fix="drop --set / overrides=, or import from the HF model")
     # an import into NeMo 2 pickles torch's DCP classes at the end: imported in the background from
     # now on, its resident size reserved in the budget (hfnemo.io.dcp.prewarm_writer)
-    reserve = dcp.prewarm_writer() if kind == "hf" and fmt in _DCP_FORMATS else 0
+    # (else torch may still be imported later, by a legacy writer or the GPU path: counted as well)
+    reserve = dcp.prewarm_writer() if kind == "hf" and fmt in _DCP_FORMATS else dcp.torch_import_reserve()
     budget = Budget(max_memory=_size(max_memory, DEFAULT_MAX_MEMORY, "--max-memory"), baseline=current_rss() + reserve)
     if kind == "hf":
         return _plan_import(path, _dtype(dtype), budget, tp, pp, ep, fmt, overrides)
@@ -420,6 +428,14 @@ AUTO_GPU = True
 AUTO_GPU_CUTS = False
 
 
+def _gpu_possible() -> bool:
+    """False when this machine certainly has no GPU torch could use (no NVIDIA or AMD device node):
+    ``--device auto`` then stays on the CPU without importing torch to ask torch.cuda."""
+    if "torch" in sys.modules:
+        return True  # asking costs nothing any more
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg"))
+
+
 def _kernels(device: str, threads: int | None, plan: Any = None):
     """The executor's kernels: the CPU backend, or (``cuda``, or ``auto`` when it pays) a
     hfnemo.exec.gpu.DeviceKernels that moves casts and column cuts onto the GPU."""
@@ -430,13 +446,17 @@ def _kernels(device: str, threads: int | None, plan: Any = None):
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is visible", fix="use --device cpu (or auto)")
     cpu = get_backend("auto", device="cpu", threads=threads)
-    if device == "cpu":
+    if device == "cpu" or (device == "auto" and not _gpu_possible()):
         return cpu
-    from hfnemo.exec.gpu import DeviceKernels, plan_has_kernel_work
+    from hfnemo.plan.planner import plan_has_kernel_work
 
     work = plan is None or plan_has_kernel_work(plan)
     auto = AUTO_GPU and plan is not None and plan_has_kernel_work(plan, casts_only=not AUTO_GPU_CUTS)
+    if device == "auto" and not auto:
+        return cpu  # nothing the GPU would do: torch is not imported to ask for it
     if device == "cuda" and work or (device == "auto" and auto and torch.cuda.is_available()):
+        from hfnemo.exec.gpu import DeviceKernels
+
         return DeviceKernels(get_backend("auto", device="cuda"), "cuda", cpu=cpu)
     return cpu
 
@@ -974,7 +994,8 @@ def reshard(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1, ep: i
     path = Path(src).expanduser()
     if not path.exists():
         raise UsageError(f"{path} does not exist", file=path, fix="check the path")
-    reserve = dcp.prewarm_writer() if format in (None, *_DCP_FORMATS) else 0  # (None: the source's; counted)
+    reserve = (dcp.prewarm_writer() if format in (None, *_DCP_FORMATS)  # (None: the source's; counted)
+               else dcp.torch_import_reserve())
     budget = Budget(max_memory=_size(max_memory, DEFAULT_MAX_MEMORY, "--max-memory"), baseline=current_rss() + reserve)
     from hfnemo.io import nemo_tar
 

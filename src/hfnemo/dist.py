@@ -72,8 +72,13 @@ def exit(code: int) -> None:  # noqa: A001 - the process's exit, as sys.exit
     """End the process with ``code``. A rank of a world of several (every file it wrote is closed
     and fsynced by now) leaves with os._exit: torch keeps a gloo group alive past
     destroy_process_group once the DCP classes were imported while it existed, and its threads
-    then race the interpreter's finalisation (std::terminate)."""
-    if writers() > 1:
+    then race the interpreter's finalisation (std::terminate). So does a process whose background
+    import of torch (hfnemo.lazy.prewarm) is still running, e.g. after an early error: its result
+    is printed and nothing is left to write, so it does not wait seconds for an import it will not
+    use."""
+    from hfnemo import lazy
+
+    if writers() > 1 or lazy.pending():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -42,6 +42,11 @@ def _import_quietly(names: tuple[str, ...]) -> None:
 _threads: list[threading.Thread] = []
 
 
+def pending() -> bool:
+    """True while a prewarm import is still running."""
+    return any(t.is_alive() for t in _threads)
+
+
 def join_all() -> None:
     """At exit, let a prewarm finish: a daemon thread still inside an extension module's import when
     the interpreter shuts down is unwound through C++ frames that cannot be (std::terminate), as a
@@ -51,13 +56,16 @@ def join_all() -> None:
 
 
 def prewarm(*names: str) -> None:
-    """Import ``names`` in a background daemon thread (once per process)."""
+    """Import ``names`` in a background thread (once per process). Not a daemon: the interpreter
+    waits for it before it starts finalising, so that no extension module is half-imported while
+    modules are torn down (torch's weakref finalizers then fail, or std::terminate). A command line
+    that ends early leaves through hfnemo.dist.exit, which does not wait (os._exit)."""
     with _lock:
         todo = tuple(n for n in names if n not in _started)
         _started.update(todo)
         if todo and not _threads:
             atexit.register(join_all)
     if todo:
-        t = threading.Thread(target=_import_quietly, args=(todo,), name="hfnemo-prewarm", daemon=True)
+        t = threading.Thread(target=_import_quietly, args=(todo,), name="hfnemo-prewarm", daemon=False)
         _threads.append(t)
         t.start()

@@ -20,12 +20,18 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
+from hfnemo.lazy import LazyModule
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = LazyModule("torch")  # imported on first use: parsing the command line must not cost it
 
 from hfnemo.dtypes import BY_NAME, parse_dtype
 from hfnemo.errors import BudgetExceeded, CorruptCheckpoint, UsageError
+from hfnemo.exec.buffers import TensorBuffer
 from hfnemo.exec.executor import _Block, _fill
 from hfnemo.exec.sources import RowReader, dcp_sources
 from hfnemo.memory import current_rss
@@ -207,7 +213,7 @@ def open_dcp_view(path: str | Path, *, dtype: str | None = "auto", max_memory: i
         job = api._job(path, "nemo", _dtype(dtype), max_memory, None, tp, pp, ep, "nemo2")
     elif kind in ("nemo2", "nemo1", "nemo1-tar", "megatron"):
         budget = Budget(max_memory=api._size(max_memory, api.DEFAULT_MAX_MEMORY, "--max-memory"),
-                        baseline=current_rss())
+                        baseline=_baseline())
         job = api._plan_reshard(path, "nemo2", _dtype(dtype), budget, tp, pp, ep)
     else:
         raise UsageError(f"cannot produce NeMo 2 tensors from a {kind} checkpoint", file=path,
@@ -238,6 +244,14 @@ def buffers_per_slot(view: TensorView, with_out: bool = True) -> int:
     return n
 
 
+def _baseline() -> int:
+    """The resident size a budget starts from: now, plus torch's import when it is still to come
+    (these views hand out torch tensors)."""
+    from hfnemo.io.dcp import torch_import_reserve
+
+    return current_rss() + torch_import_reserve()
+
+
 def widest(view: TensorView) -> int:
     return max([1] + [widest_row(it, view.sources) for it in view.items])
 
@@ -245,7 +259,7 @@ def widest(view: TensorView) -> int:
 def block_bytes(max_memory: int, buffers: int, row: int, fixed: int = 0, largest: int = 0) -> int:
     """The row-block size that keeps baseline + reserve + ``fixed`` + ``buffers`` blocks under
     ``max_memory``; BudgetExceeded when not even one row fits."""
-    baseline = current_rss()
+    baseline = _baseline()
     usable = max_memory - baseline - RESERVE - fixed
     block = min(MAX_BLOCK, usable // max(buffers, 1)) if usable > 0 else 0
     block -= block % 4096
@@ -267,10 +281,10 @@ class _SlotBuffers:
 
     def __init__(self, block: int, stage: int, with_out: bool) -> None:
         self.block = block
-        self.own_out = torch.empty(block, dtype=torch.uint8) if with_out else None
-        self.stage = torch.empty(block, dtype=torch.uint8) if stage > 0 else None
-        self.stage2 = torch.empty(block, dtype=torch.uint8) if stage > 1 else None
-        self.out: torch.Tensor | None = self.own_out
+        self.own_out = TensorBuffer(torch.empty(block, dtype=torch.uint8)) if with_out else None
+        self.stage = TensorBuffer(torch.empty(block, dtype=torch.uint8)) if stage > 0 else None
+        self.stage2 = TensorBuffer(torch.empty(block, dtype=torch.uint8)) if stage > 1 else None
+        self.out: TensorBuffer | None = self.own_out
 
 
 class BlockStreamer:
@@ -295,7 +309,7 @@ class BlockStreamer:
 
     def _run(self, item: OutputItem, slot: _SlotBuffers, r0: int, r1: int, out: torch.Tensor | None) -> int:
         if out is not None:
-            slot.out = out
+            slot.out = TensorBuffer(out)
         try:
             return _fill(_Block(item, 0, r0, r1, r0 == 0, r1 == item.rows), slot, self.view.reader,
                          self.view.sources, self.kernels)
@@ -328,7 +342,7 @@ class BlockStreamer:
                 if n != (r1 - r0) * row:
                     raise CorruptCheckpoint(f"rows {r0}..{r1} gave {n} bytes, expected {(r1 - r0) * row}",
                                             tensor=item.key, fix="the checkpoint is inconsistent")
-                yield r0, r1, (dest[r0 * row:r1 * row] if dest is not None else self.slots[sid].out[:n])
+                yield r0, r1, (dest[r0 * row:r1 * row] if dest is not None else self.slots[sid].out.tensor[:n])
                 free.append(sid)
         finally:
             for *_, fut in inflight:

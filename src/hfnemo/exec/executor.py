@@ -9,9 +9,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
-import torch
-
 from hfnemo.dtypes import BY_NAME
+from hfnemo.exec.buffers import HostBuffer
 from hfnemo.exec.sources import RowReader
 from hfnemo.kernels import Backend, get_backend
 from hfnemo.plan.plan import OutputItem, Plan, SourceTensor
@@ -50,12 +49,13 @@ class _Block:
 
 class _Slot:
     """One in-flight block's buffers: output bytes, staging bytes (source dtype, or whole source
-    rows a column window is cut from), and a second staging buffer to cut then cast."""
+    rows a column window is cut from), and a second staging buffer to cut then cast. Plain host
+    memory (no torch: a CPU conversion does not import it)."""
 
     def __init__(self, block_bytes: int, n_buffers: int) -> None:
-        self.out = torch.empty(block_bytes, dtype=torch.uint8)
-        self.stage = torch.empty(block_bytes, dtype=torch.uint8) if n_buffers > 1 else None
-        self.stage2 = torch.empty(block_bytes, dtype=torch.uint8) if n_buffers > 2 else None
+        self.out = HostBuffer(block_bytes)
+        self.stage = HostBuffer(block_bytes) if n_buffers > 1 else None
+        self.stage2 = HostBuffer(block_bytes) if n_buffers > 2 else None
 
 
 def _blocks(items: tuple[OutputItem, ...], sources: dict[str, SourceTensor], block_bytes: int,
@@ -81,42 +81,41 @@ def _fill(block: _Block, slot: _Slot, reader: RowReader, sources: dict[str, Sour
     it = block.item
     out_dt = BY_NAME[it.dtype]
     row_bytes = it.row_elems * out_dt.itemsize
-    out = slot.out.numpy()
+    out = slot.out.mv
     for seg in it.segments:
         a, b = max(block.r0, seg.out_row), min(block.r1, seg.out_row + seg.rows)
         if a >= b:
             continue
         lo, hi = (a - block.r0) * row_bytes, (b - block.r0) * row_bytes
         if seg.source is None:
-            slot.out[lo:hi].zero_()
+            slot.out.zero(lo, hi)
             continue
         src = sources[seg.source]
         src_dt = BY_NAME[src.dtype]
         s0, n_rows = seg.src_row + a - seg.out_row, b - a
         if src.dtype == it.dtype and not seg.cols:
-            reader.read_rows(src, s0, s0 + n_rows, memoryview(out)[lo:hi])
+            reader.read_rows(src, s0, s0 + n_rows, out[lo:hi])
             continue
+        n = n_rows * it.row_elems * src_dt.itemsize  # the block's bytes in the source dtype
         if seg.cols:
             # A column window read in place (one pread per row) costs the window's bytes only;
             # cutting it from whole staged rows costs TP times the tensor.
-            target = slot.out[lo:hi] if src.dtype == it.dtype else slot.stage
+            target = out[lo:hi] if src.dtype == it.dtype else slot.stage.mv[:n]
             if reader.read_cols(src, s0, s0 + n_rows, seg.col, seg.cols, target):
                 if src.dtype != it.dtype:
-                    n = n_rows * it.row_elems * src_dt.itemsize
-                    kernels.cast(slot.out[lo:hi].view(out_dt.torch), slot.stage[:n].view(src_dt.torch))
+                    kernels.cast_buffers(out[lo:hi], out_dt.torch_name, slot.stage.mv[:n], src_dt.torch_name)
                 continue
         full = n_rows * source_row_bytes(it, seg, sources)
-        reader.read_rows(src, s0, s0 + n_rows, memoryview(slot.stage.numpy())[:full])
+        reader.read_rows(src, s0, s0 + n_rows, slot.stage.mv[:full])
         staged = slot.stage
         if seg.cols:
             width = seg.cols * src_dt.itemsize
-            target = slot.out[lo:hi] if src.dtype == it.dtype else slot.stage2
-            kernels.slice_cols(target, slot.stage, n_rows, full // n_rows, seg.col * src_dt.itemsize, width)
+            target = out[lo:hi] if src.dtype == it.dtype else slot.stage2.mv
+            kernels.slice_cols_buffers(target, slot.stage.mv, n_rows, full // n_rows, seg.col * src_dt.itemsize, width)
             if src.dtype == it.dtype:
                 continue
             staged = slot.stage2
-        n = n_rows * it.row_elems * src_dt.itemsize
-        kernels.cast(slot.out[lo:hi].view(out_dt.torch), staged[:n].view(src_dt.torch))
+        kernels.cast_buffers(out[lo:hi], out_dt.torch_name, staged.mv[:n], src_dt.torch_name)
     return (block.r1 - block.r0) * row_bytes
 
 
@@ -179,7 +178,7 @@ def execute(plan: Plan, reader: RowReader, sink: Sink, *, progress: Progress | N
         if block.first:
             sink.begin(block.item)
         if n:
-            sink.write(block.item, memoryview(slots[slot_id].out.numpy())[:n])
+            sink.write(block.item, slots[slot_id].out.mv[:n])
         crc = sink.crc() if journal is not None else None
         if block.last:
             sink.end(block.item)

@@ -35,6 +35,7 @@ from hfnemo.errors import BudgetExceeded
 from hfnemo.exec.sources import RowReader
 from hfnemo.memwatch import parse_size
 from hfnemo.plan.plan import OutputItem, Plan, SourceTensor
+from hfnemo.plan.planner import plan_has_kernel_work  # noqa: F401 - re-exported (its old home)
 
 READ_PIECE = 32 << 20  # a slot is filled by sub-reads of about this many bytes, in parallel (32 MiB
 # preads into pinned memory: 48 GB/s with 16 threads on the H100 machine, 8 MiB: 44, 2 MiB: 22)
@@ -835,10 +836,3 @@ def device_fill(block, slot: DeviceSlot, reader: RowReader, sources: dict[str, S
             slot.out[lo:hi].copy_(slot.d_out[lo:hi], non_blocking=True)
     slot.stream.synchronize()
     return (block.r1 - block.r0) * row_bytes
-
-
-def plan_has_kernel_work(plan: Plan, casts_only: bool = False) -> bool:
-    """Whether some segment of the plan casts or (unless ``casts_only``) cuts columns."""
-    sources = {s.name: s for s in plan.sources}
-    return any((s.cols and not casts_only) or sources[s.source].dtype != it.dtype
-               for it in plan.items for s in it.segments if s.source)

@@ -4,16 +4,19 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from hfnemo import prefetch
 from hfnemo.errors import CorruptCheckpoint
+from hfnemo.exec.buffers import address
 from hfnemo.io.dcp import ChunkLocator, DcpIndex, GlobalTensor
 from hfnemo.io.fileio import FileCache, pread_into
 from hfnemo.io.safetensors import StTensor
 from hfnemo.plan.plan import SourceTensor
 from hfnemo.dtypes import BY_NAME
+
+if TYPE_CHECKING:
+    import torch
 
 try:  # the native core reads column windows in place; without it the executor stages and cuts
     from hfnemo import _C
@@ -76,6 +79,50 @@ def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
+def _scatter_chunk_rows(fd: int, path: str, start: int, rows: int, chunk_row_bytes: int, offs: tuple[int, ...],
+                        sizes: tuple[int, ...], full: tuple[int, ...], itemsize: int, dest: memoryview) -> int:
+    """Read ``rows`` rows of a chunk that covers the window ``offs``/``sizes`` of each row's trailing
+    dims ``full`` and put them in place in ``dest`` (whole rows of ``full``); returns the bytes.
+
+    Every row of the chunk is a set of contiguous runs in the destination row: after the last
+    dim the chunk cuts, it covers whole sub-rows. The native core copies the runs (one table,
+    one call, no torch); without it, memoryview slices do."""
+    buf = bytearray(rows * chunk_row_bytes)
+    pread_into(fd, memoryview(buf), start, path=path)
+    nd = len(full)
+    k = max((j for j in range(nd) if sizes[j] != full[j] or offs[j] != 0), default=0)
+    inner = itemsize
+    for j in range(k + 1, nd):
+        inner *= full[j]
+    run = sizes[k] * inner  # bytes of one contiguous run
+    dst_strides = [itemsize] * nd  # bytes per step of each trailing dim in the destination row
+    for j in range(nd - 2, -1, -1):
+        dst_strides[j] = dst_strides[j + 1] * full[j + 1]
+    row_bytes = dst_strides[0] * full[0] if nd else itemsize
+    # destination byte offsets (within one row) of every run, in the chunk's storage order
+    offsets = [offs[k] * dst_strides[k]]
+    for j in range(k - 1, -1, -1):
+        offsets = [(offs[j] + i) * dst_strides[j] + x for i in range(sizes[j]) for x in offsets]
+    n_runs = len(offsets)
+    if _C is not None and rows * n_runs:
+        from array import array
+
+        base, sp = address(dest), address(buf)
+        table = array("q")
+        for r in range(rows):
+            d0, s0 = base + r * row_bytes, sp + r * chunk_row_bytes
+            for i, off in enumerate(offsets):
+                table.extend((d0 + off, s0 + i * run, run))
+        _C.gather(address(table), rows * n_runs)
+    else:
+        src = memoryview(buf)
+        for r in range(rows):
+            d0, s0 = r * row_bytes, r * chunk_row_bytes
+            for i, off in enumerate(offsets):
+                dest[d0 + off:d0 + off + run] = src[s0 + i * run:s0 + (i + 1) * run]
+    return rows * chunk_row_bytes
+
+
 class RowReader:
     """Reads rows ``[r0, r1)`` of a logical source tensor into a caller-owned byte buffer."""
 
@@ -93,8 +140,10 @@ class RowReader:
     def close(self) -> None:
         self.files.close()
 
-    def read_cols(self, src: SourceTensor, r0: int, r1: int, col: int, cols: int, dest: torch.Tensor) -> bool:
-        """Columns [col, col+cols) of rows [r0, r1) straight into ``dest`` (uint8), one pread per
+    def read_cols(self, src: SourceTensor, r0: int, r1: int, col: int, cols: int,
+                  dest: "torch.Tensor | memoryview") -> bool:
+        """Columns [col, col+cols) of rows [r0, r1) straight into ``dest`` (a uint8 tensor or a
+        writable memoryview of at least (r1 - r0) x cols elements' bytes), one pread per
         row, when the native core is built and the rows lie contiguously in one file (safetensors).
         False when not possible: the caller then reads whole rows and cuts."""
         if src.location[0] != "safetensors" or len(src.shape) != 2 or _C is None:
@@ -108,7 +157,7 @@ class RowReader:
         # Strided small reads defeat the kernel's readahead on a cold file: ask for the rows'
         # whole range sequentially first (a no-op when cached); the TP siblings then hit the cache.
         os.posix_fadvise(fd, start, (r1 - r0) * row_bytes, os.POSIX_FADV_WILLNEED)
-        rc = _C.pread_cols(fd, dest.data_ptr(), r1 - r0, start, row_bytes, col * itemsize, width)
+        rc = _C.pread_cols(fd, address(dest), r1 - r0, start, row_bytes, col * itemsize, width)
         if rc:
             raise CorruptCheckpoint(f"reading rows {r0}..{r1} failed ({'end of file' if rc < 0 else os.strerror(rc)})",
                                     file=path, tensor=src.name, fix="the file is truncated or unreadable: re-copy it")
@@ -167,16 +216,9 @@ class RowReader:
             # The chunk splits the trailing dims (tensor-parallel row-parallel layout): read its
             # rows whole and scatter them into the right columns.
             chunk_row_bytes = strides[p] * itemsize
-            tmp = torch.empty((b - a) * chunk_row_bytes, dtype=torch.uint8)
             start = st.offset + (base + (a - o[p]) * strides[p]) * itemsize
-            pread_into(fd, memoryview(tmp.numpy()), start, path=path)
-            part = tmp.view(g.dtype.torch).view((b - a, *s[p + 1:]))
-            out = torch.frombuffer(dest, dtype=torch.uint8)[(a - r0) * row_bytes:(b - r0) * row_bytes]
-            view = out.view(g.dtype.torch).view((b - a, *g.shape[p + 1:]))
-            for j in range(p + 1, len(g.shape)):
-                view = view.narrow(j - p, o[j], s[j])
-            view.copy_(part)
-            covered += part.numel() * itemsize
+            covered += _scatter_chunk_rows(fd, path, start, b - a, chunk_row_bytes, o[p + 1:], s[p + 1:],
+                                           g.shape[p + 1:], itemsize, dest[(a - r0) * row_bytes:(b - r0) * row_bytes])
         want = (r1 - r0) * row_bytes if src.shape else row_bytes
         if covered != want:
             raise CorruptCheckpoint(

@@ -17,11 +17,14 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from hfnemo.lazy import LazyModule, prewarm
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = LazyModule("torch")  # reading .metadata never needs it; writing it does, at the end
 
 # torch.distributed.checkpoint costs 0.6 s to import here and 3.5 s on a CUDA build of torch (most
 # of it torch.distributed.tensor): imported on first use, and in a background thread as soon as a
@@ -32,6 +35,33 @@ _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.chec
 # what importing them adds to the resident size (44 MiB measured with torch 2.13 CPU), reserved in
 # the memory budget while the import may still be under way
 DCP_IMPORT_RESERVE = 64 << 20
+# what `import torch` itself adds, when a CPU conversion has not imported it (the prewarm then
+# imports it too): 213 MiB of PSS measured with torch 2.13 CPU, TORCH_CUDA_IMPORT_RESERVE for a
+# CUDA build of torch (found on disk without importing it)
+TORCH_IMPORT_RESERVE = 256 << 20
+TORCH_CUDA_IMPORT_RESERVE = 512 << 20
+
+
+def torch_import_reserve() -> int:
+    """What importing torch will add to this process's resident size: 0 once it is imported. A
+    memory budget set before torch is imported counts it (a conversion that never imports torch
+    is the more conservative for it, as it was when torch was imported first)."""
+    if "torch" in sys.modules:
+        return 0
+    import importlib.machinery
+
+    try:  # where torch is installed, found without importing it (and without import hooks)
+        spec = importlib.machinery.PathFinder.find_spec("torch")
+    except (ImportError, ValueError):
+        return TORCH_IMPORT_RESERVE
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        lib = os.path.join(loc, "lib")
+        try:
+            if any(n.startswith("libtorch_cuda") for n in os.listdir(lib)):
+                return TORCH_CUDA_IMPORT_RESERVE
+        except OSError:
+            pass
+    return TORCH_IMPORT_RESERVE
 
 
 def _writes_metadata() -> bool:
@@ -43,22 +73,25 @@ def _writes_metadata() -> bool:
 
 def prewarm_writer() -> int:
     """Start importing torch's DCP classes in the background (a writer needs them for .metadata);
-    returns the bytes the caller's memory budget should reserve for that import (0 once loaded)."""
+    returns the bytes the caller's memory budget should reserve for that import, torch's own
+    included when it is not imported yet (0 once loaded)."""
     if all(m in sys.modules for m in _DCP_MODULES) or not _writes_metadata():
         return 0
+    reserve = DCP_IMPORT_RESERVE + torch_import_reserve()
     prewarm(*_DCP_MODULES)
-    return DCP_IMPORT_RESERVE
+    return reserve
 
 
 def pending_import_bytes() -> int:
-    """DCP_IMPORT_RESERVE while a prewarm started by :func:`prewarm_writer` has not finished, else 0."""
+    """What a prewarm started by :func:`prewarm_writer` will still add (torch and its DCP classes),
+    else 0."""
     from hfnemo import lazy
 
     if all(m in sys.modules for m in _DCP_MODULES) or not any(m in lazy._started for m in _DCP_MODULES):
         return 0
-    return DCP_IMPORT_RESERVE
+    return DCP_IMPORT_RESERVE + torch_import_reserve()
 
-from hfnemo.dtypes import BY_TORCH, DType
+from hfnemo.dtypes import BY_TORCH, BY_TORCH_NAME, DType
 from hfnemo.errors import CorruptCheckpoint
 from hfnemo.io.fileio import OutFile
 from hfnemo.io.torchzip import ArchiveWriter, StoredTensor, locate_tensor, tensor_pickle
@@ -182,12 +215,36 @@ def _record_class(module: str, name: str) -> object:
     return cls
 
 
+class _DtypeRef:
+    """Stand-in for a torch dtype pickled into .metadata: str() is torch's ("torch.bfloat16"), so
+    hfnemo.dtypes.BY_TORCH finds it without importing torch."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"torch.{self.name}"
+
+    __repr__ = __str__
+
+
+_DTYPE_REFS: dict[str, _DtypeRef] = {}
+
+
 class _FastMetadataUnpickler(_MetadataUnpickler):
-    """The same allow-list, but DCP classes become :class:`_Record` stand-ins."""
+    """The same allow-list, but DCP classes become :class:`_Record` stand-ins, torch.Size a tuple
+    and the dtypes hfnemo knows :class:`_DtypeRef`: no torch import."""
 
     def find_class(self, module: str, name: str) -> object:
         if name in _DCP_ALLOWED.get(module, ()) and module not in ("torch", "collections", "builtins", "pathlib"):
             return _record_class(module, name)
+        if module == "torch":
+            if name == "Size":
+                return tuple
+            if name in BY_TORCH_NAME:
+                return _DTYPE_REFS.setdefault(name, _DtypeRef(name))
         return super().find_class(module, name)
 
 

@@ -81,6 +81,29 @@ def _end_records(n: int, cd_offset: int, cd_size: int) -> bytes:
     return out
 
 
+class _Global:
+    """A reference to ``module.name`` that pickles as that global (GLOBAL opcode) without importing
+    ``module``: torch.save's pickles name torch's rebuild function and storage classes, and a CPU
+    conversion writes them without torch (:class:`_StubPickler` writes the opcode itself)."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self, *args: object) -> None:  # (the pickler asks that a reduce callable be callable)
+        raise TypeError(f"{self.module}.{self.name} is a pickle reference, not the function")
+
+
+_GLOBALS: dict[tuple[str, str], _Global] = {}
+
+
+def _global(module: str, name: str) -> _Global:
+    """One instance per global, so that the pickler's memo refers back to it as it would to the
+    real object (BINGET after the first GLOBAL)."""
+    return _GLOBALS.setdefault((module, name), _Global(module, name))
+
+
 class _TensorStub:
     """Pickles exactly like torch.save pickles a contiguous CPU tensor, without having one."""
 
@@ -89,9 +112,7 @@ class _TensorStub:
         self.shape = shape
 
     def __reduce__(self) -> tuple[object, tuple[object, ...]]:
-        import torch._utils
-
-        return (torch._utils._rebuild_tensor_v2,
+        return (_global("torch._utils", "_rebuild_tensor_v2"),
                 (_StorageStub(self.dtype, _numel(self.shape)), 0, tuple(self.shape),
                  _contiguous_strides(self.shape), False, OrderedDict()))
 
@@ -119,21 +140,29 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-class _StubPickler(pickle.Pickler):
-    """Numbers storages "0", "1", ... in the order the pickle meets them, as torch.save does."""
+class _StubPickler(pickle._Pickler):  # the Python pickler: its dispatch table takes _Global
+    """Numbers storages "0", "1", ... in the order the pickle meets them, as torch.save does, and
+    writes :class:`_Global` references as the globals they name. Protocol 2 output of the Python
+    pickler is the C pickler's byte for byte (checked against torch.save in tests/test_dcp_io)."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.storages: list[_StorageStub] = []
 
+    def _save_global_ref(self, obj: _Global) -> None:
+        self.write(pickle.GLOBAL + obj.module.encode("utf-8") + b"\n" + obj.name.encode("utf-8") + b"\n")
+        self.memoize(obj)
+
+    dispatch[_Global] = _save_global_ref
+
     def persistent_id(self, obj: object) -> object:
         if isinstance(obj, _StorageStub):
-            import torch
-
             if obj not in self.storages:
                 obj.key = str(len(self.storages))
                 self.storages.append(obj)
-            return ("storage", getattr(torch, obj.dtype.storage), obj.key, "cpu", obj.numel)
+            return ("storage", _global("torch", obj.dtype.storage), obj.key, "cpu", obj.numel)
         return None
 
 

@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import bisect
 import operator
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from hfnemo import _C  # ImportError when the native build is missing
+from hfnemo.exec.buffers import address
 from hfnemo.kernels.api import Piece
+from hfnemo.lazy import LazyModule
 
-_DTYPES = {
-    torch.float64: "float64",
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-}
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = LazyModule("torch")  # only the tensor methods need it; the buffer methods never do
+
+# element sizes of the dtypes the native casts take, by torch attribute name
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _dtype_name(t: "torch.Tensor") -> str | None:
+    name = str(t.dtype).removeprefix("torch.")
+    return name if name in _ITEMSIZE else None
 
 
 def _int(name: str, v: object) -> int:
@@ -76,7 +82,7 @@ class CppBackend:
         dst = _cpu_contig("dst", dst)
         src = _cpu_contig("src", src)
         for name, t in (("dst", dst), ("src", src)):
-            if t.dtype not in _DTYPES:
+            if _dtype_name(t) is None:
                 raise ValueError(f"{name} has dtype {t.dtype}; cast supports float64, float32, float16, bfloat16")
         n = src.numel()
         if dst.numel() != n:
@@ -90,7 +96,7 @@ class CppBackend:
         if _overlap(dp, dp + n * dst.element_size(), sp, sp + n * src.element_size()) and not (
                 dp == sp and dst.dtype == src.dtype):
             raise ValueError("cast: dst and src overlap in memory")
-        _C.cast(dp, _DTYPES[dst.dtype], sp, _DTYPES[src.dtype], n)
+        _C.cast(dp, _dtype_name(dst), sp, _dtype_name(src), n)
 
     def gather(self, dst: torch.Tensor, pieces: Sequence[Piece]) -> None:
         dst = _bytes1d("dst", dst)
@@ -152,6 +158,49 @@ class CppBackend:
         if rows == 0 or col_bytes == 0:
             return
         dp, sp = dst.data_ptr(), src.data_ptr()
+        if _overlap(dp, dp + rows * col_bytes, sp, sp + rows * src_row_bytes):
+            raise ValueError("slice_cols: dst and src overlap in memory")
+        _C.slice_cols(dp, sp, rows, src_row_bytes, col_offset, col_bytes)
+
+    # The same two kernels on plain host byte buffers (the CPU executor's; no torch anywhere).
+
+    def cast_buffers(self, dst: memoryview, dst_dtype: str, src: memoryview, src_dtype: str) -> None:
+        for name, dt in (("dst", dst_dtype), ("src", src_dtype)):
+            if dt not in _ITEMSIZE:
+                raise ValueError(f"{name} has dtype {dt}; cast supports float64, float32, float16, bfloat16")
+        d_size, s_size = _ITEMSIZE[dst_dtype], _ITEMSIZE[src_dtype]
+        if src.nbytes % s_size:
+            raise ValueError(f"cast: src has {src.nbytes} bytes, not a whole number of {src_dtype} elements")
+        n = src.nbytes // s_size
+        if dst.nbytes != n * d_size:
+            raise ValueError(f"cast: dst has {dst.nbytes} bytes, needs {n} x {d_size} for {n} elements")
+        if n == 0:
+            return
+        dp, sp = address(dst), address(src)
+        for name, p, size in (("dst", dp, d_size), ("src", sp, s_size)):
+            if p % size:
+                raise ValueError(f"{name} address {p:#x} is not aligned to its element size {size}")
+        if _overlap(dp, dp + dst.nbytes, sp, sp + src.nbytes) and not (dp == sp and dst_dtype == src_dtype):
+            raise ValueError("cast: dst and src overlap in memory")
+        _C.cast(dp, dst_dtype, sp, src_dtype, n)
+
+    def slice_cols_buffers(self, dst: memoryview, src: memoryview, rows: int, src_row_bytes: int,
+                           col_offset: int, col_bytes: int) -> None:
+        rows = _int("rows", rows)
+        src_row_bytes = _int("src_row_bytes", src_row_bytes)
+        col_offset = _int("col_offset", col_offset)
+        col_bytes = _int("col_bytes", col_bytes)
+        if col_offset + col_bytes > src_row_bytes:
+            raise ValueError(f"slice_cols: col_offset + col_bytes = {col_offset + col_bytes} exceeds "
+                             f"src_row_bytes = {src_row_bytes}")
+        if rows * src_row_bytes > src.nbytes:
+            raise ValueError(f"slice_cols: src has {src.nbytes} bytes, needs rows * src_row_bytes = "
+                             f"{rows * src_row_bytes}")
+        if rows * col_bytes > dst.nbytes:
+            raise ValueError(f"slice_cols: dst has {dst.nbytes} bytes, needs rows * col_bytes = {rows * col_bytes}")
+        if rows == 0 or col_bytes == 0:
+            return
+        dp, sp = address(dst), address(src)
         if _overlap(dp, dp + rows * col_bytes, sp, sp + rows * src_row_bytes):
             raise ValueError("slice_cols: dst and src overlap in memory")
         _C.slice_cols(dp, sp, rows, src_row_bytes, col_offset, col_bytes)

@@ -5,10 +5,10 @@ from typing import Sequence
 
 import torch
 
-from hfnemo.kernels.api import Piece
+from hfnemo.kernels.api import BufferOps, Piece
 
 
-class TorchBackend:
+class TorchBackend(BufferOps):
     name = "torch"
 
     def set_threads(self, n: int) -> None:

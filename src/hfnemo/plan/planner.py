@@ -431,3 +431,10 @@ def _with_extra_state(its: list[OutputItem], spec: ArchSpec, dims: Dims, lay: Ra
             out.extend(OutputItem(key=lay.prefix + k, shape=(0,), dtype="u8", rows=0, row_elems=1, segments=(),
                                   transform="te_extra_state", file=f) for k in keys)
     return out
+
+
+def plan_has_kernel_work(plan: Plan, casts_only: bool = False) -> bool:
+    """Whether some segment of the plan casts or (unless ``casts_only``) cuts columns."""
+    sources = {s.name: s for s in plan.sources}
+    return any((s.cols and not casts_only) or sources[s.source].dtype != it.dtype
+               for it in plan.items for s in it.segments if s.source)

@@ -21,9 +21,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+from hfnemo.lazy import LazyModule
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = LazyModule("torch")  # imported on first use: parsing the command line must not cost it
 
 from hfnemo.dtypes import BY_NAME
 from hfnemo.memory import peak_rss
@@ -34,7 +39,7 @@ from hfnemo.stream import (DEPTH, BlockStreamer, TensorView, block_bytes, buffer
 DEFAULT_MAX_MEMORY = 2 << 30
 CMP_ELEMS = 1 << 19  # elements per float64 comparison piece (a few 4 MiB temporaries)
 CMP_TEMP_BYTES = 24 << 20
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_INT_VIEW = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}  # torch attribute names
 MANIFEST = "hfnemo-manifest.json"
 
 
@@ -114,8 +119,8 @@ class _Acc:
             return
         self.bit_equal = False
         va, vb = a.view(self.a.torch), b.view(self.b.torch)
-        ia = a.view(_INT_VIEW[self.a.itemsize]) if self.same else None
-        ib = b.view(_INT_VIEW[self.b.itemsize]) if self.same else None
+        ia = a.view(getattr(torch, _INT_VIEW[self.a.itemsize])) if self.same else None
+        ib = b.view(getattr(torch, _INT_VIEW[self.b.itemsize])) if self.same else None
         for i in range(0, va.numel(), CMP_ELEMS):
             j = min(va.numel(), i + CMP_ELEMS)
             fa, fb = va[i:j].double(), vb[i:j].double()
