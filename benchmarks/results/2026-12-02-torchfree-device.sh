@@ -24,13 +24,15 @@ print("IMPORT", repr(sys.argv[1][:40]), "%.2f s" % dt, "pss %d MiB" % (int(re.se
 PY
   done
 done | tee "$out/imports.txt"
-for tp in 1 8; do
+for tp in ${TPS:-1 8}; do
   $B --only floor,import --tp $tp > "$out/new-tp$tp.jsonl" 2> "$out/new-tp$tp.log"
   $B --only import --tp $tp --cmd "$OLD" > "$out/old-tp$tp.jsonl" 2> "$out/old-tp$tp.log"
+  [ -n "${NOLATE:-}" ] || HFNEMO_PREWARM=0 $B --only import --tp $tp > "$out/late-tp$tp.jsonl" 2> "$out/late-tp$tp.log"
   echo "tp$tp done at $(( $(date +%s) - t0 )) s"
 done
 $B --only export > "$out/new-export.jsonl" 2> "$out/new-export.log"
 $B --only export --cmd "$OLD" > "$out/old-export.jsonl" 2> "$out/old-export.log"
+rm -f "$out"/*.log.keep; tar -czf "$out/logs.tgz" -C "$out" $(cd "$out" && ls *.log) && (cd "$out" && rm -f *.log)
 echo "all done at $(( $(date +%s) - t0 )) s"
 python3 - "$out" <<'PY'
 import json, sys, glob
