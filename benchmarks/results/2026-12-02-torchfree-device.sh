@@ -32,7 +32,6 @@ for tp in ${TPS:-1 8}; do
 done
 $B --only export > "$out/new-export.jsonl" 2> "$out/new-export.log"
 $B --only export --cmd "$OLD" > "$out/old-export.jsonl" 2> "$out/old-export.log"
-rm -f "$out"/*.log.keep; tar -czf "$out/logs.tgz" -C "$out" $(cd "$out" && ls *.log) && (cd "$out" && rm -f *.log)
 echo "all done at $(( $(date +%s) - t0 )) s"
 python3 - "$out" <<'PY'
 import json, sys, glob
@@ -45,3 +44,5 @@ for f in sorted(glob.glob(sys.argv[1] + "/*.jsonl")):
               "durable", r.get("ratio_to_floor_durable"), "in-proc", rep.get("seconds"),
               "pss", r.get("peak_pss_bytes"), r.get("error"))
 PY
+# one archive back (the device returns few files)
+(cd "$out" && tar -czf ../results.tgz . && rm -rf ./* && mv ../results.tgz .)
