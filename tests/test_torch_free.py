@@ -42,10 +42,11 @@ def _last_line(p: subprocess.CompletedProcess) -> str:
 # ------------------------------------------------------------------------- the CLI, torch forbidden
 
 @pytest.mark.parametrize("tp,dtype", [(1, "auto"), (2, "fp32")])
-def test_import_streams_without_torch_and_export_never_imports_it(tiny_hf_factory, tmp_path, tp, dtype):
+def test_import_and_export_never_import_torch(tiny_hf_factory, tmp_path, tp, dtype):
     hf = tiny_hf_factory("llama3_gqa")  # bf16; --dtype fp32 casts every tensor, tp 2 cuts row-parallel ones
     nemo, back = tmp_path / "nemo", tmp_path / "back"
-    p = _run("prewarm", "import", str(hf), str(nemo), "--tp", str(tp), "--dtype", dtype, "--device", "cpu")
+    # the import: torch only in the helper process (hfnemo.torchside), for .metadata and common.pt
+    p = _run("never", "import", str(hf), str(nemo), "--tp", str(tp), "--dtype", dtype, "--device", "cpu")
     assert p.returncode == 0, p.stderr[-3000:]
     assert _last_line(p) == "TORCH-FREE: torch imported by the end of execute: False", p.stderr[-2000:]
     assert (nemo / "weights" / ".metadata").is_file() and (nemo / "weights" / "common.pt").is_file()
@@ -57,11 +58,65 @@ def test_import_streams_without_torch_and_export_never_imports_it(tiny_hf_factor
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-    # and torch's own reader agrees with the torch-free writer's .metadata
+    # and torch's own reader agrees with what the helper wrote
     from torch.distributed.checkpoint import FileSystemReader
 
     md = FileSystemReader(str(nemo / "weights")).read_metadata()
     assert "module.embedding.word_embeddings.weight" in md.state_dict_metadata
+    # the same files, byte for byte, as the in-process writer (helper off) and the prewarm-thread one
+    keep = {n: (nemo / "weights" / n).read_bytes() for n in (".metadata", "common.pt")}
+    for knob in ({"HFNEMO_TORCHSIDE": "0"}, {"HFNEMO_TORCHSIDE": "0", "HFNEMO_PREWARM": "0"}):
+        r = subprocess.run([sys.executable, "-m", "hfnemo", "import", str(hf), str(nemo), "--tp", str(tp),
+                            "--dtype", dtype, "--device", "cpu", "--overwrite"], capture_output=True, text=True,
+                           env=dict(os.environ, HFNEMO_PREFETCH="0", **knob), timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        for n, data in keep.items():
+            assert (nemo / "weights" / n).read_bytes() == data, (knob, n)
+
+
+def test_helper_failure_falls_back_in_process(tiny_hf_factory, tmp_path):
+    """A helper that dies mid-run costs speed, never the conversion: the end is written in-process."""
+    hf = tiny_hf_factory("llama3_gqa")
+    code = f"""
+import sys
+from hfnemo import torchside
+import hfnemo
+
+def kill_helper(done, total):  # the helper dies while the conversion streams
+    if torchside._proc is not None and torchside._proc.poll() is None:
+        torchside._proc.kill()
+        torchside._proc.wait()
+
+hfnemo.convert({str(hf)!r}, {str(tmp_path / 'nemo')!r}, device="cpu", progress=kill_helper)
+assert torchside._proc.returncode is not None  # it was killed, and the end went on without it
+print("torch" in sys.modules)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, HFNEMO_PREFETCH="0"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == "True"  # written in-process after all
+    from torch.distributed.checkpoint import FileSystemReader
+
+    assert FileSystemReader(str(tmp_path / "nemo" / "weights")).read_metadata().state_dict_metadata
+    assert torch.load(tmp_path / "nemo" / "weights" / "common.pt", weights_only=False)["epoch"] == 0
+
+
+def test_helper_answers_and_relays_errors():
+    code = """
+from hfnemo import torchside
+assert torchside.start()
+import os
+assert torchside.call("os.path", "join", "a", "b") == "a/b"
+try:
+    torchside.call("os", "stat", "/nonexistent/hfnemo")
+except FileNotFoundError as e:
+    print("relayed", e.filename)
+torchside.shutdown()
+print("running", torchside.running())
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split() == ["relayed", "/nonexistent/hfnemo", "running", "False"]
 
 
 def test_runner_catches_a_torch_import(tiny_hf_factory):

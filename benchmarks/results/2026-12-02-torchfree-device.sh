@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 4, pass 7 on the lent GPU machine (CUDA build of torch): the torch-free CPU streaming path
 # against the previous code (HEAD 5d62fab, unpacked by the caller into _ab_old/), cold cache, same run.
-# usage: bash benchmarks/results/2026-12-02-torchfree-device.sh OUTDIR   (from the repo root)
+# usage: [VARIANTS="thread late"] [TPS="1 8"] bash benchmarks/results/2026-12-02-torchfree-device.sh OUTDIR   (repo root)
 set -u
 out=$1; mkdir -p "$out"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
@@ -27,7 +27,11 @@ done | tee "$out/imports.txt"
 for tp in ${TPS:-1 8}; do
   $B --only floor,import --tp $tp > "$out/new-tp$tp.jsonl" 2> "$out/new-tp$tp.log"
   $B --only import --tp $tp --cmd "$OLD" > "$out/old-tp$tp.jsonl" 2> "$out/old-tp$tp.log"
-  [ -n "${NOLATE:-}" ] || HFNEMO_PREWARM=0 $B --only import --tp $tp > "$out/late-tp$tp.jsonl" 2> "$out/late-tp$tp.log"
+  # variants: torch imported in a thread of the converting process (no helper), or at the end
+  for v in ${VARIANTS:-}; do case $v in
+    thread) HFNEMO_TORCHSIDE=0 $B --only import --tp $tp > "$out/thread-tp$tp.jsonl" 2> "$out/thread-tp$tp.log";;
+    late) HFNEMO_PREWARM=0 $B --only import --tp $tp > "$out/late-tp$tp.jsonl" 2> "$out/late-tp$tp.log";;
+  esac; done
   echo "tp$tp done at $(( $(date +%s) - t0 )) s"
 done
 $B --only export > "$out/new-export.jsonl" 2> "$out/new-export.log"

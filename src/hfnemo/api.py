@@ -337,7 +337,7 @@ def _write_import_extras(job: _Job, staging: Path) -> None:
     spec = job.extra["spec"]
     weights = staging / "weights"
     # common.pt: what NeMo 2's MegatronStrategy saves besides the weights for an import (§1).
-    torch.save(_lightning_common(), weights / "common.pt")
+    _save_common(weights / "common.pt")
     (weights / "metadata.json").write_text(json.dumps({
         "sharded_backend": "torch_dist", "sharded_backend_version": 1,
         "common_backend": "torch", "common_backend_version": 1}))
@@ -368,6 +368,24 @@ def _pyref(v: Any) -> Any:
     if isinstance(v, str) and v.startswith("torch.") and v.count(".") == 1:
         return _ref(v)
     return v
+
+
+def save_common(path: str) -> None:
+    """torch.save of NeMo 2's common.pt (what MegatronStrategy saves besides the weights)."""
+    torch.save(_lightning_common(), path)
+
+
+def _save_common(path: Path) -> None:
+    """common.pt by the torch helper process when it runs (hfnemo.torchside), else here."""
+    from hfnemo import torchside
+
+    if torchside.running() and "torch" not in sys.modules:
+        try:
+            torchside.call("hfnemo.api", "save_common", os.path.abspath(path))
+            return
+        except torchside.Unavailable:
+            pass
+    save_common(str(path))
 
 
 def _lightning_common() -> dict[str, Any]:
@@ -889,7 +907,7 @@ def _write_nemo2_reshard_extras(job: _Job, staging: Path) -> None:
         if (src / "weights" / name).is_file():
             shutil.copyfile(src / "weights" / name, staging / "weights" / name)
     if not (staging / "weights" / "common.pt").is_file():
-        torch.save(_lightning_common(), staging / "weights" / "common.pt")
+        _save_common(staging / "weights" / "common.pt")
     lay = job.plan.layout
     model_yaml = staging / "context" / "model.yaml"
     if model_yaml.is_file():

@@ -77,17 +77,24 @@ def prewarm_writer() -> int:
     included when it is not imported yet (0 once loaded)."""
     if all(m in sys.modules for m in _DCP_MODULES) or not _writes_metadata():
         return 0
+    from hfnemo import torchside
+
     reserve = DCP_IMPORT_RESERVE + torch_import_reserve()
-    if os.environ.get("HFNEMO_PREWARM", "1") != "0":  # 0: import at the end, in the writer (A/B runs)
-        prewarm(*_DCP_MODULES)
+    if os.environ.get("HFNEMO_PREWARM", "1") == "0":  # import at the end, in the writer (A/B runs)
+        return reserve
+    if "torch" not in sys.modules and torchside.start():
+        return reserve  # a helper process imports torch and will write .metadata (hfnemo.torchside)
+    prewarm(*_DCP_MODULES)
     return reserve
 
 
 def pending_import_bytes() -> int:
     """What a prewarm started by :func:`prewarm_writer` will still add (torch and its DCP classes),
     else 0."""
-    from hfnemo import lazy
+    from hfnemo import lazy, torchside
 
+    if torchside.running():  # its memory is the tree's until the end
+        return DCP_IMPORT_RESERVE + torch_import_reserve()
     if all(m in sys.modules for m in _DCP_MODULES) or not any(m in lazy._started for m in _DCP_MODULES):
         return 0
     return DCP_IMPORT_RESERVE + torch_import_reserve()
@@ -418,38 +425,19 @@ class DcpWriter:
             f.close(sync=True)
 
     def write_metadata(self, checkpoint_id: str) -> None:
-        """``.metadata`` for every declared tensor, from ``storage_data`` (where each chunk is)."""
-        tensor_keys = [k for k, v in self.state_dict_metadata.items() if v[0] == "tensor"]
-        sdm: dict[str, object] = {}
-        for k, v in self.state_dict_metadata.items():
-            if v[0] == "bytes":
-                sdm[k] = dcp_md.BytesStorageMetadata()
-                continue
-            _, dtype, shape, chunks = v
-            sdm[k] = dcp_md.TensorStorageMetadata(
-                properties=dcp_md.TensorProperties(dtype=dtype.torch),
-                size=torch.Size(shape),
-                chunks=[dcp_md.ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(z)) for o, z in chunks])
-        storage = {(dcp_md.MetadataIndex(k) if off is None else dcp_md.MetadataIndex(k, torch.Size(off))):
-                   _dcp_fs._StorageInfo(*info) for (k, off), info in self.storage_data.items()}
-        md = dcp_md.Metadata(
-            state_dict_metadata=sdm,
-            planner_data=None,
-            storage_data=storage,
-            storage_meta=dcp_md.StorageMeta(checkpoint_id=checkpoint_id, save_id="", load_id=None),
-        )
-        # Megatron's loaders read per-key mcore_data with getattr(md, "mcore_data", {}); NVIDIA's
-        # importer writes an empty dict per tensor key, so we do too.
-        md.mcore_data = {k: {} for k in tensor_keys}
-        # torch writes a random save_id; ours is a uuid4-shaped digest of the rest of the metadata,
-        # so that a rerun (or a resumed run) writes the same bytes.
-        md.storage_meta.save_id = str(uuid.UUID(bytes=hashlib.sha256(pickle.dumps(md)).digest()[:16], version=4))
-        tmp = self.root / ".metadata.tmp"
-        with open(tmp, "wb") as f:
-            pickle.dump(md, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.root / ".metadata")
+        """``.metadata`` for every declared tensor, from ``storage_data`` (where each chunk is):
+        by the torch helper process when it runs and torch is not imported here (hfnemo.torchside),
+        else in this process."""
+        from hfnemo import torchside
+
+        args = (os.path.abspath(self.root), self.state_dict_metadata, self.storage_data, checkpoint_id)
+        if torchside.running() and not all(m in sys.modules for m in _DCP_MODULES):
+            try:
+                torchside.call("hfnemo.io.dcp", "write_metadata_file", *args)
+                return
+            except torchside.Unavailable:
+                pass
+        write_metadata_file(*args)
 
     def abort(self) -> None:
         for f in self.files:
@@ -477,3 +465,41 @@ class _ChunkHandle:
         length = self.archive.finish()
         self.w.pos[self.file] += length
         self.w.storage_data[(self.fqn, tuple(self.offsets))] = (self.w.names[self.file], self.start, length)
+
+
+def write_metadata_file(root: str, state_dict_metadata: dict, storage_data: dict, checkpoint_id: str) -> None:
+    """Build DCP's Metadata with torch's own classes and write ``root/.metadata`` (fsynced, atomic).
+    ``state_dict_metadata``: fqn -> ("tensor", DType, shape, [(offsets, sizes)...]) or ("bytes",);
+    ``storage_data``: (fqn, offsets or None) -> (file name, offset, length)."""
+    root_p = Path(root)
+    tensor_keys = [k for k, v in state_dict_metadata.items() if v[0] == "tensor"]
+    sdm: dict[str, object] = {}
+    for k, v in state_dict_metadata.items():
+        if v[0] == "bytes":
+            sdm[k] = dcp_md.BytesStorageMetadata()
+            continue
+        _, dtype, shape, chunks = v
+        sdm[k] = dcp_md.TensorStorageMetadata(
+            properties=dcp_md.TensorProperties(dtype=dtype.torch),
+            size=torch.Size(shape),
+            chunks=[dcp_md.ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(z)) for o, z in chunks])
+    storage = {(dcp_md.MetadataIndex(k) if off is None else dcp_md.MetadataIndex(k, torch.Size(off))):
+               _dcp_fs._StorageInfo(*info) for (k, off), info in storage_data.items()}
+    md = dcp_md.Metadata(
+        state_dict_metadata=sdm,
+        planner_data=None,
+        storage_data=storage,
+        storage_meta=dcp_md.StorageMeta(checkpoint_id=checkpoint_id, save_id="", load_id=None),
+    )
+    # Megatron's loaders read per-key mcore_data with getattr(md, "mcore_data", {}); NVIDIA's
+    # importer writes an empty dict per tensor key, so we do too.
+    md.mcore_data = {k: {} for k in tensor_keys}
+    # torch writes a random save_id; ours is a uuid4-shaped digest of the rest of the metadata,
+    # so that a rerun (or a resumed run) writes the same bytes.
+    md.storage_meta.save_id = str(uuid.UUID(bytes=hashlib.sha256(pickle.dumps(md)).digest()[:16], version=4))
+    tmp = root_p / ".metadata.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(md, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root_p / ".metadata")
