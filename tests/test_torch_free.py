@@ -74,6 +74,21 @@ def test_import_and_export_never_import_torch(tiny_hf_factory, tmp_path, tp, dty
             assert (nemo / "weights" / n).read_bytes() == data, (knob, n)
 
 
+def test_reshard_and_nemo1_dist_never_import_torch(tiny_hf_factory, tmp_path):
+    hf = tiny_hf_factory("llama3_gqa")
+    tp2, tp1, n1 = tmp_path / "tp2", tmp_path / "tp1", tmp_path / "n1"
+    for args in (("import", str(hf), str(tp2), "--tp", "2"), ("reshard", str(tp2), str(tp1), "--tp", "1"),
+                 ("import", str(hf), str(n1), "--format", "nemo1-dist")):
+        p = _run("never", *args, "--device", "cpu")
+        assert p.returncode == 0, (args, p.stderr[-3000:])
+        assert _last_line(p) == "TORCH-FREE: torch imported by the end of execute: False", p.stderr[-2000:]
+    for out in (tp1, n1):  # hfnemo verify: every tensor equal to the HF model's (exit 0)
+        r = subprocess.run([sys.executable, "-m", "hfnemo", "verify", str(hf), str(out)], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0 and "EQUAL" in r.stdout, (out, r.stdout[-2000:], r.stderr[-2000:])
+    assert torch.load(n1 / "model_weights" / "common.pt", weights_only=False) == {}
+
+
 def test_helper_failure_falls_back_in_process(tiny_hf_factory, tmp_path):
     """A helper that dies mid-run costs speed, never the conversion: the end is written in-process."""
     hf = tiny_hf_factory("llama3_gqa")

@@ -49,6 +49,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -275,7 +276,7 @@ def write_nemo1_dist_extras(out: Path, n: Mapping[str, Any], rows: int, lay: Ran
     ``dist_ckpt_format: torch_dist``) and the artifacts, plus ``model_weights/metadata.json`` and
     ``model_weights/common.pt`` as megatron.core.dist_checkpointing saves them (its loader checks
     the first and reads the second; a model-only sharded state dict leaves the common state empty)."""
-    import torch
+    from hfnemo import torchside
 
     write_nemo1_extras(out, n, rows, lay, arch, side_files, dist=True)
     weights = out / NEMO1_DIST
@@ -283,7 +284,21 @@ def write_nemo1_dist_extras(out: Path, n: Mapping[str, Any], rows: int, lay: Ran
     (weights / "metadata.json").write_text(json.dumps({
         "sharded_backend": "torch_dist", "sharded_backend_version": 1,
         "common_backend": "torch", "common_backend_version": 1}))
-    torch.save({}, weights / "common.pt")
+    path = os.path.abspath(weights / "common.pt")
+    if torchside.running() and "torch" not in sys.modules:  # torch's import is the helper's (hfnemo.torchside)
+        try:
+            torchside.call("hfnemo.io.legacy", "save_empty", path)
+            return
+        except torchside.Unavailable:
+            pass
+    save_empty(path)
+
+
+def save_empty(path: str) -> None:
+    """torch.save({}, path)."""
+    import torch
+
+    torch.save({}, path)
 
 
 def write_megatron_extras(out: Path, side_files: Mapping[str, Path]) -> None:
