@@ -379,13 +379,7 @@ def _save_common(path: Path) -> None:
     """common.pt by the torch helper process when it runs (hfnemo.torchside), else here."""
     from hfnemo import torchside
 
-    if torchside.running() and "torch" not in sys.modules:
-        try:
-            torchside.call("hfnemo.api", "save_common", os.path.abspath(path))
-            return
-        except torchside.Unavailable:
-            pass
-    save_common(str(path))
+    torchside.run("hfnemo.api", "save_common", os.path.abspath(path))
 
 
 def _lightning_common() -> dict[str, Any]:

@@ -1,12 +1,11 @@
 """Deferred imports of heavy modules (torch.distributed.checkpoint costs 0.6-3.5 s to import).
 
 ``LazyModule(name)`` imports ``name`` on first attribute access; ``prewarm(*names)`` imports them
-in a daemon thread now, so that the import overlaps with I/O the caller is about to do (Python's
+in a background thread now, so that the import overlaps with I/O the caller is about to do (Python's
 per-module import locks make a concurrent first use wait for that import, never run it twice).
 """
 from __future__ import annotations
 
-import atexit
 import importlib
 import threading
 from types import ModuleType
@@ -48,9 +47,8 @@ def pending() -> bool:
 
 
 def join_all() -> None:
-    """At exit, let a prewarm finish: a daemon thread still inside an extension module's import when
-    the interpreter shuts down is unwound through C++ frames that cannot be (std::terminate), as a
-    rank that never writes .metadata (hfnemo.dist) found."""
+    """Wait for every prewarm to finish (hfnemo.dist: before a process group exists). The
+    interpreter's own exit waits for them too: they are not daemon threads."""
     for t in list(_threads):
         t.join()
 
@@ -63,8 +61,6 @@ def prewarm(*names: str) -> None:
     with _lock:
         todo = tuple(n for n in names if n not in _started)
         _started.update(todo)
-        if todo and not _threads:
-            atexit.register(join_all)
     if todo:
         t = threading.Thread(target=_import_quietly, args=(todo,), name="hfnemo-prewarm", daemon=False)
         _threads.append(t)

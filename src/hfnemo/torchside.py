@@ -10,7 +10,7 @@ runs on another core.
 
 ``start()`` launches it (``python -m hfnemo.torchside``) once per process; ``call(module, function,
 *args)`` runs ``module.function(*args)`` there and returns its result (plain picklable data both
-ways). Anything going wrong with the helper (it cannot start, dies, answers garbage) makes ``call``
+ways); ``run(...)`` does the same, or in this process when the helper is not there. Anything going wrong with the helper (it cannot start, dies, answers garbage) makes ``call``
 raise :class:`Unavailable`, and the caller does the work in-process instead: the helper is a speed-up,
 never a new way to fail. An error *of the function* (a full disk, say) is re-raised as the same
 exception type when it pickles. ``HFNEMO_TORCHSIDE=0`` turns the helper off.
@@ -96,6 +96,18 @@ def call(module: str, function: str, *args: Any) -> Any:
     if isinstance(value, BaseException):
         raise value
     raise Unavailable(str(value))
+
+
+def run(module: str, function: str, *args: Any, needs: tuple[str, ...] = ("torch",)) -> Any:
+    """``module.function(*args)``: in the helper while it runs and this process has not imported
+    ``needs`` itself (then the helper saves that import), else (or when the helper is unavailable)
+    here."""
+    if running() and not all(m in sys.modules for m in needs):
+        try:
+            return call(module, function, *args)
+        except Unavailable:
+            pass
+    return getattr(importlib.import_module(module), function)(*args)
 
 
 def _kill(p: subprocess.Popen) -> None:

@@ -34,10 +34,23 @@ def nbytes(buf: object) -> int:
     return memoryview(buf).nbytes  # type: ignore[arg-type]
 
 
-class HostBuffer:
+class _Buffer:
+    """What the executor needs of a buffer: ``mv`` (its bytes), ``addr``, ``n``, and zero()."""
+
+    __slots__ = ("mv", "addr", "n")
+
+    def zero(self, lo: int, hi: int) -> None:
+        if hi > lo:
+            ctypes.memset(self.addr + lo, 0, hi - lo)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class HostBuffer(_Buffer):
     """``n`` bytes of anonymous memory with a memoryview (``mv``) and an address (``addr``)."""
 
-    __slots__ = ("_map", "mv", "addr", "n")
+    __slots__ = ("_map",)
 
     def __init__(self, n: int) -> None:
         self.n = int(n)
@@ -45,29 +58,15 @@ class HostBuffer:
         self.mv = memoryview(self._map)[:self.n]
         self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
 
-    def zero(self, lo: int, hi: int) -> None:
-        if hi > lo:
-            ctypes.memset(self.addr + lo, 0, hi - lo)
 
-    def __len__(self) -> int:
-        return self.n
-
-
-class TensorBuffer:
+class TensorBuffer(_Buffer):
     """A 1-D uint8 CPU torch tensor seen as a HostBuffer (``mv``, ``addr``, ``zero``): for callers
     that want the executor's rows in a tensor of their own (hfnemo.stream)."""
 
-    __slots__ = ("tensor", "mv", "addr", "n")
+    __slots__ = ("tensor",)
 
     def __init__(self, tensor: object) -> None:
         self.tensor = tensor
         self.n = int(tensor.numel())  # type: ignore[attr-defined]
         self.mv = memoryview(tensor.numpy()) if self.n else memoryview(bytearray())  # type: ignore[attr-defined]
         self.addr = int(tensor.data_ptr())  # type: ignore[attr-defined]
-
-    def zero(self, lo: int, hi: int) -> None:
-        if hi > lo:
-            ctypes.memset(self.addr + lo, 0, hi - lo)
-
-    def __len__(self) -> int:
-        return self.n

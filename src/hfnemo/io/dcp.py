@@ -9,6 +9,7 @@ unpickled except their tiny ``data.pkl``, through torchzip's restricted unpickle
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -48,6 +49,13 @@ def torch_import_reserve() -> int:
     is the more conservative for it, as it was when torch was imported first)."""
     if "torch" in sys.modules:
         return 0
+    return _installed_torch_reserve()
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_torch_reserve() -> int:
+    """TORCH_CUDA_IMPORT_RESERVE for a CUDA build of the installed torch, else TORCH_IMPORT_RESERVE
+    (looked up on disk once)."""
     import importlib.machinery
 
     try:  # where torch is installed, found without importing it (and without import hooks)
@@ -430,14 +438,8 @@ class DcpWriter:
         else in this process."""
         from hfnemo import torchside
 
-        args = (os.path.abspath(self.root), self.state_dict_metadata, self.storage_data, checkpoint_id)
-        if torchside.running() and not all(m in sys.modules for m in _DCP_MODULES):
-            try:
-                torchside.call("hfnemo.io.dcp", "write_metadata_file", *args)
-                return
-            except torchside.Unavailable:
-                pass
-        write_metadata_file(*args)
+        torchside.run("hfnemo.io.dcp", "write_metadata_file", os.path.abspath(self.root), self.state_dict_metadata,
+                      self.storage_data, checkpoint_id, needs=_DCP_MODULES)
 
     def abort(self) -> None:
         for f in self.files:

@@ -49,7 +49,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -284,14 +283,7 @@ def write_nemo1_dist_extras(out: Path, n: Mapping[str, Any], rows: int, lay: Ran
     (weights / "metadata.json").write_text(json.dumps({
         "sharded_backend": "torch_dist", "sharded_backend_version": 1,
         "common_backend": "torch", "common_backend_version": 1}))
-    path = os.path.abspath(weights / "common.pt")
-    if torchside.running() and "torch" not in sys.modules:  # torch's import is the helper's (hfnemo.torchside)
-        try:
-            torchside.call("hfnemo.io.legacy", "save_empty", path)
-            return
-        except torchside.Unavailable:
-            pass
-    save_empty(path)
+    torchside.run("hfnemo.io.legacy", "save_empty", os.path.abspath(weights / "common.pt"))
 
 
 def save_empty(path: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import operator
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from hfnemo import _C  # ImportError when the native build is missing
 from hfnemo.exec.buffers import address
@@ -89,14 +89,7 @@ class CppBackend:
             raise ValueError(f"cast: dst has {dst.numel()} elements, src has {n}")
         if n == 0:
             return
-        dp, sp = dst.data_ptr(), src.data_ptr()
-        for name, t, p in (("dst", dst, dp), ("src", src, sp)):
-            if p % t.element_size():
-                raise ValueError(f"{name} address {p:#x} is not aligned to its element size {t.element_size()}")
-        if _overlap(dp, dp + n * dst.element_size(), sp, sp + n * src.element_size()) and not (
-                dp == sp and dst.dtype == src.dtype):
-            raise ValueError("cast: dst and src overlap in memory")
-        _C.cast(dp, _dtype_name(dst), sp, _dtype_name(src), n)
+        _cast(dst.data_ptr(), _dtype_name(dst), src.data_ptr(), _dtype_name(src), n)
 
     def gather(self, dst: torch.Tensor, pieces: Sequence[Piece]) -> None:
         dst = _bytes1d("dst", dst)
@@ -143,24 +136,8 @@ class CppBackend:
                    col_bytes: int) -> None:
         dst = _bytes1d("dst", dst)
         src = _bytes1d("src", src)
-        rows = _int("rows", rows)
-        src_row_bytes = _int("src_row_bytes", src_row_bytes)
-        col_offset = _int("col_offset", col_offset)
-        col_bytes = _int("col_bytes", col_bytes)
-        if col_offset + col_bytes > src_row_bytes:
-            raise ValueError(f"slice_cols: col_offset + col_bytes = {col_offset + col_bytes} exceeds "
-                             f"src_row_bytes = {src_row_bytes}")
-        if rows * src_row_bytes > src.numel():
-            raise ValueError(f"slice_cols: src has {src.numel()} bytes, needs rows * src_row_bytes = "
-                             f"{rows * src_row_bytes}")
-        if rows * col_bytes > dst.numel():
-            raise ValueError(f"slice_cols: dst has {dst.numel()} bytes, needs rows * col_bytes = {rows * col_bytes}")
-        if rows == 0 or col_bytes == 0:
-            return
-        dp, sp = dst.data_ptr(), src.data_ptr()
-        if _overlap(dp, dp + rows * col_bytes, sp, sp + rows * src_row_bytes):
-            raise ValueError("slice_cols: dst and src overlap in memory")
-        _C.slice_cols(dp, sp, rows, src_row_bytes, col_offset, col_bytes)
+        _slice_cols(lambda: dst.data_ptr(), dst.numel(), lambda: src.data_ptr(), src.numel(), rows,
+                    src_row_bytes, col_offset, col_bytes)
 
     # The same two kernels on plain host byte buffers (the CPU executor's; no torch anywhere).
 
@@ -176,34 +153,45 @@ class CppBackend:
             raise ValueError(f"cast: dst has {dst.nbytes} bytes, needs {n} x {d_size} for {n} elements")
         if n == 0:
             return
-        dp, sp = address(dst), address(src)
-        for name, p, size in (("dst", dp, d_size), ("src", sp, s_size)):
-            if p % size:
-                raise ValueError(f"{name} address {p:#x} is not aligned to its element size {size}")
-        if _overlap(dp, dp + dst.nbytes, sp, sp + src.nbytes) and not (dp == sp and dst_dtype == src_dtype):
-            raise ValueError("cast: dst and src overlap in memory")
-        _C.cast(dp, dst_dtype, sp, src_dtype, n)
+        _cast(address(dst), dst_dtype, address(src), src_dtype, n)
 
     def slice_cols_buffers(self, dst: memoryview, src: memoryview, rows: int, src_row_bytes: int,
                            col_offset: int, col_bytes: int) -> None:
-        rows = _int("rows", rows)
-        src_row_bytes = _int("src_row_bytes", src_row_bytes)
-        col_offset = _int("col_offset", col_offset)
-        col_bytes = _int("col_bytes", col_bytes)
-        if col_offset + col_bytes > src_row_bytes:
-            raise ValueError(f"slice_cols: col_offset + col_bytes = {col_offset + col_bytes} exceeds "
-                             f"src_row_bytes = {src_row_bytes}")
-        if rows * src_row_bytes > src.nbytes:
-            raise ValueError(f"slice_cols: src has {src.nbytes} bytes, needs rows * src_row_bytes = "
-                             f"{rows * src_row_bytes}")
-        if rows * col_bytes > dst.nbytes:
-            raise ValueError(f"slice_cols: dst has {dst.nbytes} bytes, needs rows * col_bytes = {rows * col_bytes}")
-        if rows == 0 or col_bytes == 0:
-            return
-        dp, sp = address(dst), address(src)
-        if _overlap(dp, dp + rows * col_bytes, sp, sp + rows * src_row_bytes):
-            raise ValueError("slice_cols: dst and src overlap in memory")
-        _C.slice_cols(dp, sp, rows, src_row_bytes, col_offset, col_bytes)
+        _slice_cols(lambda: address(dst), dst.nbytes, lambda: address(src), src.nbytes, rows, src_row_bytes,
+                    col_offset, col_bytes)
 
+
+def _cast(dp: int, dst_dtype: str, sp: int, src_dtype: str, n: int) -> None:
+    """The checks on addresses common to both cast entry points (alignment, overlap), then the call."""
+    d_size, s_size = _ITEMSIZE[dst_dtype], _ITEMSIZE[src_dtype]
+    for name, p, size in (("dst", dp, d_size), ("src", sp, s_size)):
+        if p % size:
+            raise ValueError(f"{name} address {p:#x} is not aligned to its element size {size}")
+    if _overlap(dp, dp + n * d_size, sp, sp + n * s_size) and not (dp == sp and dst_dtype == src_dtype):
+        raise ValueError("cast: dst and src overlap in memory")
+    _C.cast(dp, dst_dtype, sp, src_dtype, n)
+
+
+def _slice_cols(dst_ptr: Callable[[], int], dst_size: int, src_ptr: Callable[[], int], src_size: int, rows: int,
+                src_row_bytes: int, col_offset: int, col_bytes: int) -> None:
+    """Every check of slice_cols on byte sizes, then on addresses (asked for only when there is
+    something to copy: an empty buffer has none), then the call; for tensors and buffers alike."""
+    rows = _int("rows", rows)
+    src_row_bytes = _int("src_row_bytes", src_row_bytes)
+    col_offset = _int("col_offset", col_offset)
+    col_bytes = _int("col_bytes", col_bytes)
+    if col_offset + col_bytes > src_row_bytes:
+        raise ValueError(f"slice_cols: col_offset + col_bytes = {col_offset + col_bytes} exceeds "
+                         f"src_row_bytes = {src_row_bytes}")
+    if rows * src_row_bytes > src_size:
+        raise ValueError(f"slice_cols: src has {src_size} bytes, needs rows * src_row_bytes = {rows * src_row_bytes}")
+    if rows * col_bytes > dst_size:
+        raise ValueError(f"slice_cols: dst has {dst_size} bytes, needs rows * col_bytes = {rows * col_bytes}")
+    if rows == 0 or col_bytes == 0:
+        return
+    dp, sp = dst_ptr(), src_ptr()
+    if _overlap(dp, dp + rows * col_bytes, sp, sp + rows * src_row_bytes):
+        raise ValueError("slice_cols: dst and src overlap in memory")
+    _C.slice_cols(dp, sp, rows, src_row_bytes, col_offset, col_bytes)
 
 __all__ = ["CppBackend"]
