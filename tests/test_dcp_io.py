@@ -55,6 +55,42 @@ def test_archive_streams_in_blocks() -> None:
     assert w.finish() == len(whole) and out.getvalue() == whole
 
 
+def test_crc32_combine_is_zlib_crc_of_the_join() -> None:
+    import random
+    import zlib
+
+    rng = random.Random(7)
+    for _ in range(200):
+        a = os.urandom(rng.choice([0, 1, 3, rng.randint(0, 4000)]))
+        b = os.urandom(rng.choice([0, 1, 2, 7, rng.randint(0, 9000)]))
+        assert torchzip.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+    head, big = os.urandom(33), bytes(1 << 26)  # a 64 MiB block, as the executor's are
+    assert torchzip.crc32_combine(zlib.crc32(head), zlib.crc32(big), len(big)) == zlib.crc32(head + big)
+    # lengths past 2^32 (a multi-GiB record): both ways of joining three parts agree
+    c1, c2, c3 = (zlib.crc32(os.urandom(k)) for k in (5, 6, 7))
+    mid = (1 << 32) + 5
+    left = torchzip.crc32_combine(torchzip.crc32_combine(c1, c2, mid), c3, 7)
+    right = torchzip.crc32_combine(c1, torchzip.crc32_combine(c2, c3, 7), mid + 7)
+    assert left == right
+
+
+def test_archive_with_block_crcs_from_elsewhere_is_the_same_archive() -> None:
+    """The executor's workers checksum blocks in parallel; the archive joins their CRCs."""
+    import zlib
+
+    t = torch.randn(1000, 37)
+    data = _bytes(t)
+    pkl = torchzip.tensor_pickle(BY_NAME["fp32"], (1000, 37))
+    whole = torchzip.archive_bytes(pkl, data)
+    out = io.BytesIO()
+    w = torchzip.ArchiveWriter(out.write, pkl, len(data))
+    for i, step in enumerate(range(0, len(data), 4093)):
+        block = data[step:step + 4093]
+        w.write(block, zlib.crc32(block) if i % 3 else None)  # mixed: some computed here
+    assert w.finish() == len(whole) and out.getvalue() == whole
+    assert zipfile.ZipFile(io.BytesIO(out.getvalue())).testzip() is None
+
+
 def test_locate_tensor_refuses_pickled_code(tmp_path: Path) -> None:
     class Evil:
         def __reduce__(self):

@@ -133,3 +133,107 @@ def test_column_windows_native_and_staged_paths_agree(tp_src: Path, tmp_path: Pa
     hfnemo.convert(tp_src, tmp_path / "staged", tp=4)
     for f in ("__0_0.distcp", "__0_1.distcp"):
         assert (tmp_path / "native" / "weights" / f).read_bytes() == (tmp_path / "staged" / "weights" / f).read_bytes()
+
+
+def test_column_windows_of_a_tensor_are_written_together(tp_src: Path) -> None:
+    """At TP > 1 the row-parallel windows of one tensor's rows go to one file, one after the other
+    in column order (their source rows are then read from disk once and from the cache after);
+    the other chunks keep torch's largest-first order per file."""
+    plan = hfnemo.plan(tp_src, to="nemo", tp=4)
+    windows = [(i, it) for i, it in enumerate(plan.items) if any(s.cols for s in it.segments)]
+    assert windows
+    by_tensor: dict[tuple, list[tuple[int, object]]] = {}
+    for i, it in windows:
+        cut = max(a for a in range(len(it.shape)) if it.shape[a] != it.global_shape[a])  # the column axis
+        by_tensor.setdefault((it.key, it.offsets[:cut] + it.offsets[cut + 1:]), []).append((i, it))
+    for key, members in by_tensor.items():
+        idx = [i for i, _ in members]
+        assert len(members) == 4, key
+        assert idx == list(range(idx[0], idx[0] + 4)), f"{key}: windows at {idx}"
+        assert len({it.file for _, it in members}) == 1
+        cols = [it.segments[0].col for _, it in members]
+        assert cols == sorted(cols)
+    # every file: groups by size, largest first (a group of windows counts as its total)
+    for f in plan.files:
+        sizes, i = [], 0
+        items = [it for it in plan.items if it.file == f]
+        while i < len(items):
+            it = items[i]
+            n = 4 if any(s.cols for s in it.segments) else 1
+            sizes.append(sum(x.nbytes for x in items[i:i + n]))
+            i += n
+        assert sizes == sorted(sizes, reverse=True), f
+
+
+def test_tp1_write_order_is_torch_order(tp_src: Path) -> None:
+    """Without column windows every chunk is a group of its own: largest first per file, ties in
+    state-dict order (torch's _split_by_size_and_type), as before grouping existed."""
+    plan = hfnemo.plan(tp_src, to="nemo", tp=1)
+    for f in plan.files:
+        sizes = [it.nbytes for it in plan.items if it.file == f]
+        assert sizes == sorted(sizes, reverse=True)
+
+
+def test_window_readahead_reads_each_source_range_once(tp_src: Path, tmp_path: Path) -> None:
+    from hfnemo.exec.sources import WindowReadahead, readahead_distance
+
+    plan = hfnemo.plan(tp_src, to="nemo", tp=4)
+    sources = {s.name: s for s in plan.sources}
+    ra = WindowReadahead.for_plan(plan.items, sources, ahead=1 << 40)
+    assert ra is not None
+    ranges = [(p, a, n) for p, a, n, _ in ra.entries]
+    assert len(ranges) == len(set(ranges))
+    # exactly the source tensors row-parallel chunks cut windows from, each whole
+    cut = {s.source for it in plan.items for s in it.segments if s.cols}
+    assert sum(n for _, _, n in ranges) == sum(sources[name].nbytes for name in cut)
+    ats = [at for *_, at in ra.entries]
+    assert ats == sorted(ats) and ats[0] >= 0
+    ra.start()
+    ra.advance(0)
+    ra._thread.join(30)
+    assert ra.reason == "done" and ra.issued == sum(n for _, _, n in ranges)
+    ra.stop()
+    # a read-ahead waiting for the executor stops at once; nothing without column windows or when off
+    waiting = WindowReadahead.for_plan(plan.items, sources, ahead=1)
+    waiting.entries = [(p, a, n, at + (1 << 40)) for p, a, n, at in waiting.entries]
+    waiting.start()
+    waiting.stop()
+    assert waiting.reason == "stopped" and waiting.issued == 0
+    tp1 = hfnemo.plan(tp_src, to="nemo", tp=1)
+    assert WindowReadahead.for_plan(tp1.items, {s.name: s for s in tp1.sources}, ahead=1 << 30) is None
+    assert WindowReadahead.for_plan(plan.items, sources, ahead=0) is None
+    assert readahead_distance({"HFNEMO_READAHEAD": "off"}) == 0
+    assert readahead_distance({"HFNEMO_READAHEAD": "64MiB"}) == 64 << 20
+    assert 0 < readahead_distance({}) <= 1 << 30
+
+
+def test_block_crcs_from_the_workers_give_the_same_files(tp_src: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers checksum each block and the archive joins the CRCs; the files are the bytes
+    of computing the CRC as the bytes are written, and every zip record checks out."""
+    import zipfile
+
+    import io
+
+    from hfnemo.exec.sinks import DcpSink
+
+    import functools
+
+    from hfnemo import api
+    from hfnemo.plan.planner import Budget
+
+    monkeypatch.setattr(api, "Budget", functools.partial(Budget, max_block=8192))  # many blocks a chunk
+    hfnemo.convert(tp_src, tmp_path / "workers", tp=2)
+    monkeypatch.setattr(DcpSink, "wants_crc", False)
+    hfnemo.convert(tp_src, tmp_path / "inline", tp=2)
+    for f in ("__0_0.distcp", "__0_1.distcp"):
+        assert (tmp_path / "workers" / "weights" / f).read_bytes() == (tmp_path / "inline" / "weights" / f).read_bytes()
+    weights = tmp_path / "workers" / "weights"
+    storage = FileSystemReader(str(weights)).read_metadata().storage_data
+    checked = 0
+    for info in storage.values():
+        data = (weights / info.relative_path).read_bytes()[info.offset:info.offset + info.length]
+        if data[:2] == b"PK":  # a torch.save archive (blobs of _extra_state are archives too)
+            assert zipfile.ZipFile(io.BytesIO(data)).testzip() is None
+            checked += 1
+    assert checked >= len(hfnemo.plan(tp_src, to="nemo", tp=2).items)

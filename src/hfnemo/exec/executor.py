@@ -4,20 +4,26 @@
 from __future__ import annotations
 
 import time
+import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator, Protocol
 
 from hfnemo.dtypes import BY_NAME
 from hfnemo.exec.buffers import HostBuffer
-from hfnemo.exec.sources import RowReader
+from hfnemo.exec.sources import RowReader, WindowReadahead
 from hfnemo.kernels import Backend, get_backend
 from hfnemo.plan.plan import OutputItem, Plan, SourceTensor
 from hfnemo.plan.planner import source_row_bytes, widest_row
 
 
 class Sink(Protocol):
+    """``write(item, data)``; a sink whose ``wants_crc`` is true (zip records: DCP chunks, torch.save
+    rank files) gets ``write(item, data, crc)`` with the block's CRC-32, computed by the worker that
+    produced it, so that the one thread writing does not also checksum every byte."""
+
     def begin(self, item: OutputItem) -> None: ...
     def write(self, item: OutputItem, data: memoryview) -> None: ...
     def skip(self, item: OutputItem, n: int, crc: int | None) -> None: ...
@@ -54,6 +60,7 @@ class _Slot:
 
     def __init__(self, block_bytes: int, n_buffers: int) -> None:
         self.out = HostBuffer(block_bytes)
+        self.out_mv = self.out.mv  # what the executor hands the sink (DeviceSlot has one too)
         self.stage = HostBuffer(block_bytes) if n_buffers > 1 else None
         self.stage2 = HostBuffer(block_bytes) if n_buffers > 2 else None
 
@@ -119,6 +126,13 @@ def _fill(block: _Block, slot: _Slot, reader: RowReader, sources: dict[str, Sour
     return (block.r1 - block.r0) * row_bytes
 
 
+def _fill_crc(fill: Callable[..., int], block: _Block, slot: "_Slot", reader: RowReader,
+              sources: dict[str, SourceTensor], kernels: Backend) -> tuple[int, int]:
+    """fill, then the CRC-32 of the block's bytes (in the worker: zlib.crc32 releases the GIL)."""
+    n = fill(block, slot, reader, sources, kernels)
+    return n, zlib.crc32(slot.out_mv[:n])
+
+
 def _replay(items: tuple[OutputItem, ...], sink: Sink, journal: Journal) -> int:
     """Walk the sink through the part of the plan a previous run finished (``journal.start``):
     the same begin/end calls, with skip() for the bytes already on disk. Returns those bytes."""
@@ -167,18 +181,24 @@ def execute(plan: Plan, reader: RowReader, sink: Sink, *, progress: Progress | N
         done = _replay(plan.items, sink, journal)
     t0 = time.perf_counter()
     wait_s = 0.0
-    inflight: deque[tuple[_Block, int, Future[int]]] = deque()
+    inflight: deque[tuple[_Block, int, Future]] = deque()
+    wants_crc = bool(getattr(sink, "wants_crc", False))
+    task = partial(_fill_crc, fill) if wants_crc else fill
 
     def drain_one() -> None:
         nonlocal done, wait_s
         block, slot_id, fut = inflight.popleft()
         tw = time.perf_counter()
-        n = fut.result()
+        res = fut.result()
         wait_s += time.perf_counter() - tw
+        n, block_crc = res if wants_crc else (res, None)
         if block.first:
             sink.begin(block.item)
         if n:
-            sink.write(block.item, slots[slot_id].out.mv[:n])
+            if wants_crc:
+                sink.write(block.item, slots[slot_id].out_mv[:n], block_crc)
+            else:
+                sink.write(block.item, slots[slot_id].out_mv[:n])
         crc = sink.crc() if journal is not None else None
         if block.last:
             sink.end(block.item)
@@ -189,16 +209,28 @@ def execute(plan: Plan, reader: RowReader, sink: Sink, *, progress: Progress | N
         if progress:
             progress(done, total)
 
+    readahead = WindowReadahead.for_plan(plan.items, sources, start)
+    submitted = 0
     with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="hfnemo-read") as pool:
         try:
+            if readahead is not None:
+                readahead.start()
             for block in _blocks(plan.items, sources, block_bytes, start):
                 if not free:
                     drain_one()
                 slot_id = free.popleft()
-                inflight.append((block, slot_id, pool.submit(fill, block, slots[slot_id], reader, sources, kernels)))
+                inflight.append((block, slot_id, pool.submit(task, block, slots[slot_id], reader, sources, kernels)))
+                if readahead is not None:
+                    submitted += (block.r1 - block.r0) * block.item.row_elems * BY_NAME[block.item.dtype].itemsize
+                    readahead.advance(submitted)
             while inflight:
                 drain_one()
         finally:
             for _, _, fut in inflight:
                 fut.cancel()
-    return {"seconds": time.perf_counter() - t0, "read_wait_seconds": wait_s, "bytes_written": float(done)}
+            if readahead is not None:
+                readahead.stop()
+    stats = {"seconds": time.perf_counter() - t0, "read_wait_seconds": wait_s, "bytes_written": float(done)}
+    if readahead is not None:
+        stats["readahead_bytes"] = float(readahead.issued)
+    return stats

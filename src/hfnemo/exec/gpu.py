@@ -774,6 +774,7 @@ class DeviceSlot:
     def __init__(self, block_bytes: int, n_buffers: int, kernels: DeviceKernels) -> None:
         dev = kernels.device
         self.out = torch.empty(block_bytes, dtype=torch.uint8, pin_memory=True)
+        self.out_mv = memoryview(self.out.numpy())  # what the executor hands the sink
         self.stage = torch.empty(block_bytes, dtype=torch.uint8, pin_memory=True) if n_buffers > 1 else None
         self.stage2 = None  # the CPU path's cut-then-cast buffer lives on the device here
         self.stream = torch.cuda.Stream(dev)

@@ -22,6 +22,8 @@ from hfnemo.plan.plan import OutputItem, Plan
 class DcpSink:
     """Each OutputItem is one DCP chunk: a torch.save archive streamed into its .distcp file."""
 
+    wants_crc = True  # the executor's workers compute each block's CRC-32 (the zip records need it)
+
     def __init__(self, plan: Plan, weights_dir: Path, opener: Callable[[Path], OutFile] = OutFile) -> None:
         self.writer = DcpWriter(weights_dir, list(plan.files), opener=opener)
         self.files = list(plan.files)
@@ -34,8 +36,8 @@ class DcpSink:
         self._handle = self.writer.begin_tensor(item.key, item.offsets, BY_NAME[item.dtype], item.shape,
                                                 self.files.index(item.file))
 
-    def write(self, item: OutputItem, data: memoryview) -> None:
-        self._handle.write(data)
+    def write(self, item: OutputItem, data: memoryview, crc: int | None = None) -> None:
+        self._handle.write(data, crc)
 
     def skip(self, item: OutputItem, n: int, crc: int | None) -> None:
         self._handle.skip(n, crc)
@@ -128,6 +130,8 @@ class TorchSaveSink:
     (NeMo 1) or Megatron-LM's ``{"args", "checkpoint_version", "iteration", "model"}``.
     """
 
+    wants_crc = True
+
     def __init__(self, plan: Plan, out_dir: Path, wrap: Callable[[str, "OrderedDict[str, object]"], object],
                  opener: Callable[[Path], OutFile] = OutFile) -> None:
         self.out_dir = out_dir
@@ -172,8 +176,8 @@ class TorchSaveSink:
             self._open(item.file)
         self._archive.begin_record(self._keys[id(item)], item.nbytes)
 
-    def write(self, item: OutputItem, data: memoryview) -> None:
-        self._archive.write(data)
+    def write(self, item: OutputItem, data: memoryview, crc: int | None = None) -> None:
+        self._archive.write(data, crc)
 
     def skip(self, item: OutputItem, n: int, crc: int | None) -> None:
         self._archive.skip(n, crc)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -121,6 +122,140 @@ def _scatter_chunk_rows(fd: int, path: str, start: int, rows: int, chunk_row_byt
             for i, off in enumerate(offsets):
                 dest[d0 + off:d0 + off + run] = src[s0 + i * run:s0 + (i + 1) * run]
     return rows * chunk_row_bytes
+
+
+READAHEAD_ENV = "HFNEMO_READAHEAD"  # output bytes to read ahead by; 0/off: no window read-ahead
+READAHEAD_DEFAULT = 1 << 30
+READAHEAD_CHUNK = 8 << 20
+
+
+def readahead_distance(environ: "os._Environ[str] | dict[str, str] | None" = None) -> int:
+    """How far ahead (in output bytes) :class:`WindowReadahead` runs: ``HFNEMO_READAHEAD`` (a size,
+    or 0/off), else 1 GiB, at most a quarter of MemAvailable (it fills page cache, never the process)."""
+    env = os.environ if environ is None else environ
+    text = env.get(READAHEAD_ENV, "").strip().lower()
+    if text in ("0", "off", "no", "false"):
+        return 0
+    if text:
+        from hfnemo.memwatch import parse_size
+
+        return parse_size(text)
+    avail = prefetch.mem_available()
+    return min(READAHEAD_DEFAULT, avail // 4) if avail else READAHEAD_DEFAULT
+
+
+class WindowReadahead:
+    """Brings the source rows of upcoming column-window segments into the page cache, ahead of the
+    executor, on one thread.
+
+    A row-parallel chunk (linear_proj, linear_fc2 at TP > 1) reads a narrow window of every source
+    row: from a cold file that is a read of the whole tensor while the one writing thread has only
+    the window's bytes to write, and the disk reads while the output side idles. Read ahead here,
+    those rows arrive while earlier chunks are written, and the chunks then read from the cache.
+
+    ``entries``: (path, start, length, at) in plan order, ``at`` being the output position (bytes
+    the executor has handed to its workers) where the range is first needed. The thread reads a
+    range once the executor is within ``ahead`` bytes of it, skips it if the executor got there
+    first, and keeps at most two 8 MiB requests in flight (``posix_fadvise(WILLNEED)`` on the next,
+    then a one-byte read of the last to wait for it). Nothing is mapped or buffered in the process;
+    any error ends the thread quietly (the executor reads the rows itself, as it would anyway).
+    """
+
+    def __init__(self, entries: list[tuple[str, int, int, int]], ahead: int) -> None:
+        self.entries = entries
+        self.ahead = ahead
+        self.submitted = 0
+        self.issued = 0  # bytes asked for
+        self.skipped = 0  # ranges the executor reached first
+        self.reason: str | None = None
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="hfnemo-readahead", daemon=True)
+
+    @classmethod
+    def for_plan(cls, items, sources: dict[str, SourceTensor], start: tuple[int, int] = (0, 0),
+                 ahead: int | None = None) -> "WindowReadahead | None":
+        """The read-ahead of a plan's column-window segments from ``start`` on; None when there are none."""
+        ahead = readahead_distance() if ahead is None else ahead
+        if ahead <= 0:
+            return None
+        entries, seen, at = [], set(), 0
+        for idx in range(start[0], len(items)):
+            it = items[idx]
+            row_bytes = it.row_elems * BY_NAME[it.dtype].itemsize
+            first = start[1] if idx == start[0] else 0
+            for seg in it.segments:
+                if not seg.cols or seg.source is None or seg.out_row + seg.rows <= first:
+                    continue
+                src = sources[seg.source]
+                if src.location[0] != "safetensors" or len(src.shape) != 2:
+                    continue
+                _, path, offset = src.location
+                src_row = src.shape[1] * BY_NAME[src.dtype].itemsize
+                r0 = seg.src_row + max(0, first - seg.out_row)
+                r1 = seg.src_row + seg.rows
+                rng = (str(path), int(offset) + r0 * src_row, (r1 - r0) * src_row)
+                if rng not in seen:
+                    seen.add(rng)
+                    entries.append((*rng, at + max(0, seg.out_row - first) * row_bytes))
+            at += (it.rows - first) * row_bytes
+        return cls(entries, ahead) if entries else None
+
+    def start(self) -> "WindowReadahead":
+        self._thread.start()
+        return self
+
+    def advance(self, submitted: int) -> None:
+        """The executor has handed ``submitted`` output bytes to its workers."""
+        with self._cv:
+            self.submitted = submitted
+            self._cv.notify()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            self.reason = self._read()
+        except Exception as e:  # never let the read-ahead disturb the conversion
+            self.reason = f"error: {type(e).__name__}: {e}"
+
+    def _read(self) -> str:
+        one = bytearray(1)
+        fds: dict[str, int] = {}
+        try:
+            for path, start, length, at in self.entries:
+                with self._cv:
+                    while not self._stop and self.submitted + self.ahead < at:
+                        self._cv.wait()
+                    if self._stop:
+                        return "stopped"
+                    if self.submitted > at:
+                        self.skipped += 1
+                        continue
+                fd = fds.get(path)
+                if fd is None:
+                    fd = fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                end, off, last = start + length, start, None
+                while off < end:
+                    if self._stop:
+                        return "stopped"
+                    n = min(READAHEAD_CHUNK, end - off)
+                    os.posix_fadvise(fd, off, n, os.POSIX_FADV_WILLNEED)
+                    if last is not None:
+                        os.preadv(fd, [one], last)  # wait for the previous request
+                    last = off + n - 1
+                    off += n
+                    self.issued += n
+                if last is not None:
+                    os.preadv(fd, [one], last)
+            return "done"
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
 
 class RowReader:

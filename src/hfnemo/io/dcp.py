@@ -457,8 +457,8 @@ class _ChunkHandle:
             nbytes *= s
         self.archive = ArchiveWriter(f.write, tensor_pickle(dtype, shape), nbytes, f.skip)
 
-    def write(self, block: memoryview | bytes) -> None:
-        self.archive.write(block)
+    def write(self, block: memoryview | bytes, crc: int | None = None) -> None:
+        self.archive.write(block, crc)
 
     def skip(self, n: int, crc: int | None) -> None:
         self.archive.skip(n, crc)

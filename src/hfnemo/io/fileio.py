@@ -6,6 +6,8 @@ not under our control. Reads are pread into caller buffers; writes are plain wri
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +50,21 @@ def write_all(fd: int, data: memoryview | bytes) -> int:
     return done
 
 
+# A write of at least this many bytes hashes on another thread while the write() runs (both release
+# the GIL): the one thread writing pays the slower of the two, not their sum.
+HASH_BESIDE_BYTES = 1 << 20
+_HASHER: ThreadPoolExecutor | None = None
+_HASHER_LOCK = threading.Lock()
+
+
+def _hasher() -> ThreadPoolExecutor:
+    global _HASHER
+    with _HASHER_LOCK:
+        if _HASHER is None:
+            _HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hfnemo-hash")
+        return _HASHER
+
+
 class ReplayMismatch(Exception):
     """A resumed file's kept bytes do not match what the replay of the plan produces."""
 
@@ -84,12 +101,17 @@ class OutFile:
             return self.skip(n)
         if FAULT_HOOK is not None:
             FAULT_HOOK("write", self, n)
+        hashed = _hasher().submit(self.h.update, view) if n >= HASH_BESIDE_BYTES else None
         try:
             write_all(self.fd, view)
         except OSError as e:
             e.filename = e.filename or self.path
             raise
-        self.h.update(view)
+        finally:
+            if hashed is not None:
+                hashed.result()  # the caller may reuse the buffer once write() returns
+        if hashed is None:
+            self.h.update(view)
         self.size += n
         if self.on_write is not None:
             self.on_write(self)

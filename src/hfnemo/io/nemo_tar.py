@@ -279,6 +279,8 @@ class NemoTarSink:
     the rank's state dict, streamed block by block as TorchSaveSink streams it into a file (the
     data.pkl first, written whole from the plan's dtypes and shapes, then each storage record)."""
 
+    wants_crc = True
+
     def __init__(self, plan, writer: TarWriter, done_dirs: set[str],
                  wrap: Callable[[str, "OrderedDict[str, object]"], object] = lambda f, sd: sd) -> None:
         self.tar = writer
@@ -322,8 +324,8 @@ class NemoTarSink:
             self._open(item.file)
         self._archive.begin_record(self._keys[id(item)], item.nbytes)
 
-    def write(self, item, data: memoryview) -> None:
-        self._archive.write(data)
+    def write(self, item, data: memoryview, crc: int | None = None) -> None:
+        self._archive.write(data, crc)
 
     def end(self, item) -> None:
         self._archive.end_record()

@@ -31,6 +31,43 @@ _U32 = 0xFFFFFFFF
 _FLAGS = 0x0808  # bit 3: data descriptor follows; bit 11: UTF-8 names
 
 
+# ------------------------------------------------------------------------------ CRC-32 of joined blocks
+# The executor's workers compute each block's CRC-32 in parallel (zlib.crc32 releases the GIL);
+# the archive joins them in order. A CRC is linear over GF(2): the CRC of A+B is the CRC of A
+# carried through len(B) zero bytes, XOR the CRC of B. Carrying through n zero bytes is a
+# multiplication by x^(8n) modulo the polynomial, done below with a table of x^(2^k).
+
+_POLY = 0xEDB88320  # CRC-32 (zip), bit-reflected: bit 31 is x^0
+
+
+def _mulmod(a: int, b: int) -> int:
+    """a*b modulo the CRC polynomial, both bit-reflected."""
+    product, bit = 0, 1 << 31
+    while a:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+    return product
+
+
+_X2K = [1 << 30]  # x^1, x^2, x^4, ... modulo the polynomial
+for _ in range(63):
+    _X2K.append(_mulmod(_X2K[-1], _X2K[-1]))
+
+
+def crc32_combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """zlib.crc32(A + B) from zlib.crc32(A), zlib.crc32(B) and len(B)."""
+    shift, k, n = 1 << 31, 3, len_b  # x^(8 n): bit j of n contributes x^(2^(j+3))
+    while n:
+        if n & 1:
+            shift = _mulmod(_X2K[k], shift)
+        n >>= 1
+        k += 1
+    return _mulmod(shift, crc_a) ^ crc_b
+
+
 def _flags(size: int) -> int:
     # miniz writes an empty record with sizes and CRC in the header (all zero), no descriptor.
     return 0x0800 if size == 0 else _FLAGS
@@ -256,11 +293,12 @@ class ArchiveWriter:
         self._open(b"data/" + key.encode(), size)
         self._rec = [size, 0, 0]
 
-    def write(self, block: memoryview | bytes) -> None:
-        """Append tensor bytes (any block size); CRC is computed as the bytes pass."""
+    def write(self, block: memoryview | bytes, crc: int | None = None) -> None:
+        """Append tensor bytes (any block size). ``crc``: the block's own CRC-32, computed
+        elsewhere (a worker thread); without it the CRC is computed here as the bytes pass."""
         view = memoryview(block).cast("B")
         rec = self._rec
-        rec[2] = zlib.crc32(view, rec[2])
+        rec[2] = zlib.crc32(view, rec[2]) if crc is None else crc32_combine(rec[2], crc, len(view))
         self._emit(view)
         rec[1] += len(view)
 

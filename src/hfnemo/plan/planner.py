@@ -153,16 +153,25 @@ def _slice(segs: tuple[Segment, ...], r0: int, r1: int) -> tuple[Segment, ...]:
     return tuple(out)
 
 
-def _split_files(items: list[OutputItem], byte_keys: list[str], n_files: int) -> tuple[list[int], list[int]]:
+def _split_files(items: list[OutputItem], byte_keys: list[str], n_files: int,
+                 groups: list[int] | None = None) -> tuple[list[int], list[int]]:
     """torch DCP's _split_by_size_and_type: blobs round-robin, tensors largest-first to the
-    lightest file. Mirrors how Megatron spreads items over __0_0 / __0_1."""
+    lightest file. Mirrors how Megatron spreads items over __0_0 / __0_1. Items of one group
+    (``groups[i]``: the tensor-parallel column windows of one source tensor) go to one file as
+    one unit, so that they are written one after the other while the source rows are cached."""
     byte_files = [i % n_files for i in range(len(byte_keys))]
+    groups = groups if groups is not None else list(range(len(items)))
+    members: dict[int, list[int]] = {}
+    for idx, g in enumerate(groups):
+        members.setdefault(g, []).append(idx)
+    size = {g: sum(items[i].nbytes for i in m) for g, m in members.items()}
     sizes = [0] * n_files
     tensor_files = [0] * len(items)
-    for idx in sorted(range(len(items)), key=lambda i: -items[i].nbytes):
+    for g in sorted(members, key=lambda g: -size[g]):
         f = min(range(n_files), key=lambda k: sizes[k])
-        tensor_files[idx] = f
-        sizes[f] += items[idx].nbytes
+        for idx in members[g]:
+            tensor_files[idx] = f
+        sizes[f] += size[g]
     return byte_files, tensor_files
 
 
@@ -179,6 +188,7 @@ def layout_nemo(spec: ArchSpec, dims: Dims, logicals: list[Logical], dtype: str,
     ``writers x n_files`` files by size, so every writer gets an equal share of the bytes."""
     names = [f"__{w}_{i}.distcp" for w in range(writers) for i in range(n_files)]
     pending: list[OutputItem] = []
+    windows: dict[tuple, tuple] = {}  # (key, offsets) of a column-window chunk -> its tensor rows
     for lg in logicals:
         m = _EXPERT_NAME.match(lg.name)
         if m:
@@ -206,13 +216,15 @@ def layout_nemo(spec: ArchSpec, dims: Dims, logicals: list[Logical], dtype: str,
                     tail = (cols, *tail[1:])
                 chunk_shape = (1,) * len(lead) + ((r1 - r0, *tail) if lg.shape else ())
                 segs = _slice(lg.segments, r0, r1)
+                offsets = lead + ((r0, col) + (0,) * (len(lg.shape) - 2) if cols else
+                                  (r0,) + (0,) * (len(lg.shape) - 1) if lg.shape else ())
+                if cols:
+                    windows[(prefix + key, offsets)] = (prefix + key, lead, r0)
                 pending.append(OutputItem(
                     key=prefix + key, shape=chunk_shape, dtype=out_dtype, rows=r1 - r0,
                     row_elems=_row_elems((0, *tail)) if lg.shape else 1,
                     segments=_cols(segs, col, cols) if cols else segs, transform=lg.transform, file="",
-                    offsets=lead + ((r0, col) + (0,) * (len(lg.shape) - 2) if cols else
-                                    (r0,) + (0,) * (len(lg.shape) - 1) if lg.shape else ()),
-                    global_shape=lead_shape + tuple(lg.shape)))
+                    offsets=offsets, global_shape=lead_shape + tuple(lg.shape)))
     # Global shapes of stacked expert tensors need the expert count, known only now.
     experts = {}
     for it in pending:
@@ -231,11 +243,27 @@ def layout_nemo(spec: ArchSpec, dims: Dims, logicals: list[Logical], dtype: str,
         byte_keys += [f"{prefix}decoder.layers.{mod}._extra_state/shard_{l}_{L}" for mod in spec.extra_state]
         byte_keys += [f"{prefix}decoder.layers.{mod}._extra_state/shard_{l}.{e}_{L}.{E}"
                       for e in range(E) for mod in spec.expert_extra_state]
-    byte_files, tensor_files = _split_files(items, byte_keys, len(names))
+    # The column windows of one tensor's rows form one group (written one after the other, from
+    # source rows read once into the page cache); every other chunk is a group of its own.
+    ids: dict[tuple, int] = {}
+    groups = []
+    for i, it in enumerate(items):
+        w = windows.get((it.key, tuple(it.offsets)))
+        groups.append(i if w is None else ids.setdefault(w, len(items) + len(ids)))
+    byte_files, tensor_files = _split_files(items, byte_keys, len(names), groups)
     items = [OutputItem(**{**it.__dict__, "file": names[f]}) for it, f in zip(items, tensor_files)]
     blobs = [BytesItem(k, EXTRA_STATE_PAYLOAD.hex(), names[f]) for k, f in zip(byte_keys, byte_files)]
-    # Write order: each file's blobs, then its tensors largest first (as torch's writer does).
-    items.sort(key=lambda it: (names.index(it.file), -it.nbytes))
+    # Write order: each file's blobs, then its tensors largest first (as torch's writer does); the
+    # column windows of one tensor together, in column order.
+    group_bytes: dict[int, int] = {}
+    for it, g in zip(items, groups):
+        group_bytes[g] = group_bytes.get(g, 0) + it.nbytes
+    first: dict[int, int] = {}
+    for idx, g in enumerate(groups):
+        first.setdefault(g, idx)
+    write_order = sorted(range(len(items)),
+                         key=lambda i: (tensor_files[i], -group_bytes[groups[i]], first[groups[i]], i))
+    items = [items[i] for i in write_order]
     return items, blobs, names
 
 

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 4, pass 8 on the lent GPU machine: block CRCs in the workers, hashing beside the write,
+# column windows of a tensor written together with their source rows read ahead, against the
+# previous code (HEAD e562974, unpacked by the caller into _ab_old/), cold cache, same run.
+# usage: STAGE=a|b bash benchmarks/results/2026-12-03-writer-device.sh OUTDIR   (repo root)
+#   a: the GPU test lanes, then TP 8 (floor, new, previous code, new without the read-ahead)
+#   b: TP 1 (floor, new, previous code, new with the writer checksumming inline), then export
+set -u
+out=$1; mkdir -p "$out"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+cache=${CACHE:-/tmp/hfcache}
+B="python3 benchmarks/bench_convert.py --cache $cache --layers 4 --repeat 2 --max-memory 1GiB --device cpu --no-kernel-floor"
+OLD="env PYTHONPATH=$PWD/_ab_old/src python3 -m hfnemo"
+INLINE="python3 $PWD/_ab_variant.py"
+t0=$(date +%s)
+python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 &
+(cd _ab_old && python3 setup.py build_ext --inplace > "$out/build_old.log" 2>&1) &
+python3 benchmarks/bench_convert.py --cache $cache --layers 4 --build-only > "$out/gen.log" 2>&1 &
+wait
+echo "setup $(( $(date +%s) - t0 )) s"; nproc; free -g | head -2; df -h /tmp | tail -1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import torch; print(torch.__version__)"
+if [ "${STAGE:-a}" = a ]; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_gpu_path.py > "$out/gpu_tests.log" 2>&1
+  tail -3 "$out/gpu_tests.log"; echo "gpu tests done at $(( $(date +%s) - t0 )) s"
+  $B --only floor,import --tp 8 > "$out/new-tp8.jsonl" 2> "$out/new-tp8.log"
+  $B --only import --tp 8 --cmd "$OLD" > "$out/old-tp8.jsonl" 2> "$out/old-tp8.log"
+  HFNEMO_READAHEAD=0 $B --only import --tp 8 > "$out/nora-tp8.jsonl" 2> "$out/nora-tp8.log"
+else
+  $B --only floor,import > "$out/new-tp1.jsonl" 2> "$out/new-tp1.log"
+  $B --only import --cmd "$OLD" > "$out/old-tp1.jsonl" 2> "$out/old-tp1.log"
+  $B --only import --cmd "$INLINE" > "$out/inline-tp1.jsonl" 2> "$out/inline-tp1.log"
+  $B --only export > "$out/new-export.jsonl" 2> "$out/new-export.log"
+  $B --only export --cmd "$OLD" > "$out/old-export.jsonl" 2> "$out/old-export.log"
+fi
+echo "all done at $(( $(date +%s) - t0 )) s"
+python3 - "$out" <<'PY'
+import json, sys, glob
+for f in sorted(glob.glob(sys.argv[1] + "/*.jsonl")):
+    for l in open(f):
+        try: r = json.loads(l)
+        except ValueError: continue
+        rep = r.get("report") or {}
+        print(f.split("/")[-1], r.get("bench"), r.get("wall_s_runs"), "sync", r.get("sync_s_median"), "ratio",
+              r.get("ratio_to_floor"), "durable", r.get("ratio_to_floor_durable"), "in-proc", rep.get("seconds"),
+              "pss", r.get("peak_pss_bytes"), r.get("error"))
+PY
+(cd "$out" && tar -czf ../results.tgz . && rm -rf ./* && mv ../results.tgz .)
