@@ -4,7 +4,7 @@
 # previous code (HEAD e562974, unpacked by the caller into _ab_old/), cold cache, same run.
 # usage: STAGE=a|b bash benchmarks/results/2026-12-03-writer-device.sh OUTDIR   (repo root)
 #   a: the GPU test lanes, then TP 8 (floor, new, previous code, new without the read-ahead)
-#   b: TP 1 (floor, new, previous code, new with the writer checksumming inline), then export
+#   b: TP 1 (floor, new, previous code, new with the writer checksumming inline), export, phases
 set -u
 out=$1; mkdir -p "$out"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
@@ -32,6 +32,11 @@ else
   $B --only import --cmd "$INLINE" > "$out/inline-tp1.jsonl" 2> "$out/inline-tp1.log"
   $B --only export > "$out/new-export.jsonl" 2> "$out/new-export.log"
   $B --only export --cmd "$OLD" > "$out/old-export.jsonl" 2> "$out/old-export.log"
+  # where the seconds outside the conversion go (warm cache): new, then the previous code
+  P="benchmarks/bench_phases.py --repeat 2 -- import $cache/llama3-70b-shape-L4 /tmp/phases-out --max-memory 1GiB --quiet --overwrite --device cpu"
+  python3 $P > "$out/phases-new.jsonl" 2>&1
+  PYTHONPATH=$PWD/_ab_old/src python3 $P > "$out/phases-old.jsonl" 2>&1
+  cat "$out"/phases-*.jsonl
 fi
 echo "all done at $(( $(date +%s) - t0 )) s"
 python3 - "$out" <<'PY'
