@@ -175,18 +175,18 @@ def test_tp1_write_order_is_torch_order(tp_src: Path) -> None:
 
 
 def test_window_readahead_reads_each_source_range_once(tp_src: Path, tmp_path: Path) -> None:
-    from hfnemo.exec.sources import WindowReadahead, readahead_distance
+    from hfnemo.exec.sources import SourceReadahead, readahead_distance
 
     plan = hfnemo.plan(tp_src, to="nemo", tp=4)
     sources = {s.name: s for s in plan.sources}
-    ra = WindowReadahead.for_plan(plan.items, sources, ahead=1 << 40)
+    ra = SourceReadahead.for_plan(plan.items, sources, ahead=1 << 40, whole_rows=False)
     assert ra is not None
-    ranges = [(p, a, n) for p, a, n, _ in ra.entries]
+    ranges = [(p, a, n) for p, a, n, _, _ in ra.entries]
     assert len(ranges) == len(set(ranges))
     # exactly the source tensors row-parallel chunks cut windows from, each whole
     cut = {s.source for it in plan.items for s in it.segments if s.cols}
     assert sum(n for _, _, n in ranges) == sum(sources[name].nbytes for name in cut)
-    ats = [at for *_, at in ra.entries]
+    ats = [at for _, _, _, at, _ in ra.entries]
     assert ats == sorted(ats) and ats[0] >= 0
     ra.start()
     ra.advance(0)
@@ -194,14 +194,15 @@ def test_window_readahead_reads_each_source_range_once(tp_src: Path, tmp_path: P
     assert ra.reason == "done" and ra.issued == sum(n for _, _, n in ranges)
     ra.stop()
     # a read-ahead waiting for the executor stops at once; nothing without column windows or when off
-    waiting = WindowReadahead.for_plan(plan.items, sources, ahead=1)
-    waiting.entries = [(p, a, n, at + (1 << 40)) for p, a, n, at in waiting.entries]
+    waiting = SourceReadahead.for_plan(plan.items, sources, ahead=1, whole_rows=False)
+    waiting.entries = [(p, a, n, at + (1 << 40), pace) for p, a, n, at, pace in waiting.entries]
     waiting.start()
     waiting.stop()
     assert waiting.reason == "stopped" and waiting.issued == 0
     tp1 = hfnemo.plan(tp_src, to="nemo", tp=1)
-    assert WindowReadahead.for_plan(tp1.items, {s.name: s for s in tp1.sources}, ahead=1 << 30) is None
-    assert WindowReadahead.for_plan(plan.items, sources, ahead=0) is None
+    assert SourceReadahead.for_plan(tp1.items, {s.name: s for s in tp1.sources}, ahead=1 << 30,
+                                    whole_rows=False) is None
+    assert SourceReadahead.for_plan(plan.items, sources, ahead=0) is None
     assert readahead_distance({"HFNEMO_READAHEAD": "off"}) == 0
     assert readahead_distance({"HFNEMO_READAHEAD": "64MiB"}) == 64 << 20
     assert 0 < readahead_distance({}) <= 1 << 30
@@ -237,3 +238,33 @@ def test_block_crcs_from_the_workers_give_the_same_files(tp_src: Path, tmp_path:
             assert zipfile.ZipFile(io.BytesIO(data)).testzip() is None
             checked += 1
     assert checked >= len(hfnemo.plan(tp_src, to="nemo", tp=2).items)
+
+
+def test_whole_row_readahead_follows_the_executor(tp_src: Path) -> None:
+    """Whole-row ranges: every source byte once, read no further than ``ahead`` in front of the
+    executor's position, and never what the executor has already handed to its workers."""
+    import time
+
+    from hfnemo.exec.sources import SourceReadahead
+
+    plan = hfnemo.plan(tp_src, to="nemo", tp=1)
+    sources = {s.name: s for s in plan.sources}
+    ra = SourceReadahead.for_plan(plan.items, sources, ahead=4096)
+    assert sum(n for _, _, n, _, _ in ra.entries) == plan.read_bytes
+    assert all(pace == 1.0 for *_, pace in ra.entries)  # bf16 in, bf16 out
+    ra.start()
+    time.sleep(0.2)
+    early = ra.issued  # the executor has handed out nothing: 4096 bytes ahead of position 0
+    assert early <= 4096 + (8 << 20), early
+    ra.advance(plan.write_bytes)  # the executor is at the end: nothing left to read ahead
+    ra._thread.join(30)
+    assert ra.reason == "done"
+    assert ra.issued <= early + (8 << 20) * len(ra.entries), (ra.issued, early)
+    ra.stop()
+    # an executor far ahead from the start: nothing is read at all
+    behind = SourceReadahead.for_plan(plan.items, sources, ahead=1 << 30)
+    behind.advance(plan.write_bytes)
+    behind.start()
+    behind._thread.join(30)
+    assert behind.reason == "done" and behind.issued == 0
+    behind.stop()

@@ -83,7 +83,25 @@ class Prefetch:
             except OSError:
                 pass
 
+    def _headers(self) -> None:
+        """Every safetensors shard's header first: planning reads them all while the bulk read-ahead
+        fills the device queue, and a header queued behind gigabytes of file 1 cost the plan up to
+        2 s on the H200 machine's virtual disk."""
+        for path in self.files:
+            if not path.endswith(".safetensors") or self._stop.is_set():
+                continue
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                head = os.pread(fd, 8, 0)
+                if len(head) == 8:
+                    n = int.from_bytes(head, "little")
+                    if 0 < n < (100 << 20):
+                        os.posix_fadvise(fd, 0, 8 + n, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
     def _read(self) -> str:
+        self._headers()
         left = self.cap
         buf = memoryview(bytearray(min(self.chunk, left))) if self.mode == "pread" and left else None
         for path in self.files:

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Protocol
 
 from hfnemo.dtypes import BY_NAME
 from hfnemo.exec.buffers import HostBuffer
-from hfnemo.exec.sources import RowReader, WindowReadahead
+from hfnemo.exec.sources import RowReader, SourceReadahead
 from hfnemo.kernels import Backend, get_backend
 from hfnemo.plan.plan import OutputItem, Plan, SourceTensor
 from hfnemo.plan.planner import source_row_bytes, widest_row
@@ -209,7 +209,7 @@ def execute(plan: Plan, reader: RowReader, sink: Sink, *, progress: Progress | N
         if progress:
             progress(done, total)
 
-    readahead = WindowReadahead.for_plan(plan.items, sources, start)
+    readahead = SourceReadahead.for_plan(plan.items, sources, start)
     submitted = 0
     with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="hfnemo-read") as pool:
         try:
