@@ -124,7 +124,7 @@ def _scatter_chunk_rows(fd: int, path: str, start: int, rows: int, chunk_row_byt
     return rows * chunk_row_bytes
 
 
-READAHEAD_ENV = "HFNEMO_READAHEAD"  # output bytes to read ahead by; 0/off: no window read-ahead
+READAHEAD_ENV = "HFNEMO_READAHEAD"  # output bytes to read ahead by; 0/off: no read-ahead
 READAHEAD_DEFAULT = 1 << 30
 READAHEAD_CHUNK = 8 << 20
 
@@ -166,7 +166,7 @@ class SourceReadahead:
     reads the rows itself, as it would anyway).
     """
 
-    def __init__(self, entries: list[tuple[str, int, int, int]], ahead: int) -> None:
+    def __init__(self, entries: list[tuple[str, int, int, int, float]], ahead: int) -> None:
         self.entries = entries
         self.ahead = ahead
         self.submitted = 0
