@@ -181,12 +181,12 @@ def test_window_readahead_reads_each_source_range_once(tp_src: Path, tmp_path: P
     sources = {s.name: s for s in plan.sources}
     ra = SourceReadahead.for_plan(plan.items, sources, ahead=1 << 40, whole_rows=False)
     assert ra is not None
-    ranges = [(p, a, n) for p, a, n, _, _ in ra.entries]
+    ranges = [r for rs, _, _ in ra.entries for r in rs]
     assert len(ranges) == len(set(ranges))
     # exactly the source tensors row-parallel chunks cut windows from, each whole
     cut = {s.source for it in plan.items for s in it.segments if s.cols}
     assert sum(n for _, _, n in ranges) == sum(sources[name].nbytes for name in cut)
-    ats = [at for _, _, _, at, _ in ra.entries]
+    ats = [at for _, at, _ in ra.entries]
     assert ats == sorted(ats) and ats[0] >= 0
     ra.start()
     ra.advance(0)
@@ -195,7 +195,7 @@ def test_window_readahead_reads_each_source_range_once(tp_src: Path, tmp_path: P
     ra.stop()
     # a read-ahead waiting for the executor stops at once; nothing without column windows or when off
     waiting = SourceReadahead.for_plan(plan.items, sources, ahead=1, whole_rows=False)
-    waiting.entries = [(p, a, n, at + (1 << 40), pace) for p, a, n, at, pace in waiting.entries]
+    waiting.entries = [(rs, at + (1 << 40), pace) for rs, at, pace in waiting.entries]
     waiting.start()
     waiting.stop()
     assert waiting.reason == "stopped" and waiting.issued == 0
@@ -250,8 +250,8 @@ def test_whole_row_readahead_follows_the_executor(tp_src: Path) -> None:
     plan = hfnemo.plan(tp_src, to="nemo", tp=1)
     sources = {s.name: s for s in plan.sources}
     ra = SourceReadahead.for_plan(plan.items, sources, ahead=4096)
-    assert sum(n for _, _, n, _, _ in ra.entries) == plan.read_bytes
-    assert all(pace == 1.0 for *_, pace in ra.entries)  # bf16 in, bf16 out
+    assert sum(n for rs, _, _ in ra.entries for _, _, n in rs) == plan.read_bytes
+    assert all(pace == 1.0 for _, _, pace in ra.entries)  # bf16 in, bf16 out
     ra.start()
     time.sleep(0.2)
     early = ra.issued  # the executor has handed out nothing: 4096 bytes ahead of position 0
@@ -268,3 +268,31 @@ def test_whole_row_readahead_follows_the_executor(tp_src: Path) -> None:
     behind._thread.join(30)
     assert behind.reason == "done" and behind.issued == 0
     behind.stop()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_readahead_of_a_dcp_source_locates_its_chunks(tp_src: Path, tmp_path: Path, tp: int) -> None:
+    """Export and reshard read DCP chunks: the read-ahead locates them when due (in its thread) and
+    covers every source byte once, row-parallel chunks (split trailing dims) included."""
+    from hfnemo.exec.sources import RowReader, SourceReadahead
+    from hfnemo.io.dcp import read_index
+
+    hfnemo.convert(tp_src, tmp_path / "nemo", tp=tp)
+    plan = hfnemo.plan(tmp_path / "nemo", to="hf")
+    sources = {s.name: s for s in plan.sources}
+    reader = RowReader(index=read_index(tmp_path / "nemo" / "weights"))
+    try:
+        assert SourceReadahead.for_plan(plan.items, sources, ahead=1 << 40) is None or all(
+            not callable(r) for r, _, _ in SourceReadahead.for_plan(plan.items, sources, ahead=1 << 40).entries)
+        ra = SourceReadahead.for_plan(plan.items, sources, ahead=1 << 40, reader=reader)
+        assert ra is not None and all(callable(r) for r, _, _ in ra.entries)
+        located = [rng for r, _, _ in ra.entries for rng in r()]
+        assert len(located) == len(set(located))
+        assert sum(n for _, _, n in located) == sum(s.nbytes for s in plan.sources if s.shape)
+        ra.start()
+        ra._thread.join(30)
+        assert ra.reason == "done", ra.reason
+        assert ra.issued == sum(n for _, _, n in located)
+        ra.stop()
+    finally:
+        reader.close()

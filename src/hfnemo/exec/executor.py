@@ -209,7 +209,7 @@ def execute(plan: Plan, reader: RowReader, sink: Sink, *, progress: Progress | N
         if progress:
             progress(done, total)
 
-    readahead = SourceReadahead.for_plan(plan.items, sources, start)
+    readahead = SourceReadahead.for_plan(plan.items, sources, start, reader=reader)
     submitted = 0
     with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="hfnemo-read") as pool:
         try:

@@ -1,6 +1,7 @@
 """Logical source tensors and the row reads behind them (pread into caller buffers)."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -155,9 +156,10 @@ class SourceReadahead:
     (H200 machine: TP 8 import 13.99-18.83 s without, 10.86-11.41 s with). Whole-row segments gain
     from the deeper queue too (TP 1: 9.55-11.86 s against 10.22-13.92 s, interleaved runs).
 
-    ``entries``: (path, start, length, at, pace) in plan order, ``at`` being the output position
-    (bytes the executor has handed to its workers) where the range is first needed, ``pace`` the
-    output bytes per source byte of a whole-row range (0 for a window range, read whole). The
+    ``entries``: (ranges, at, pace) in plan order: ``ranges`` the (path, start, length) byte ranges
+    of one segment's source rows (or a callable giving them: DCP chunks are located when due),
+    ``at`` the output position (bytes the executor has handed to its workers) where they are first
+    needed, ``pace`` the output bytes per source byte of whole rows (0 for a window, read whole). The
     thread reads a range once the executor is within ``ahead`` bytes of it, follows a whole-row
     range at most ``ahead`` in front of the executor and never behind it, skips a window range the
     executor reached first, and keeps at most two 8 MiB requests in flight
@@ -166,7 +168,7 @@ class SourceReadahead:
     reads the rows itself, as it would anyway).
     """
 
-    def __init__(self, entries: list[tuple[str, int, int, int, float]], ahead: int) -> None:
+    def __init__(self, entries: list[tuple[object, int, float]], ahead: int) -> None:
         self.entries = entries
         self.ahead = ahead
         self.submitted = 0
@@ -179,15 +181,19 @@ class SourceReadahead:
 
     @classmethod
     def for_plan(cls, items, sources: dict[str, SourceTensor], start: tuple[int, int] = (0, 0),
-                 ahead: int | None = None, whole_rows: bool | None = None) -> "SourceReadahead | None":
-        """The read-ahead of a plan's column-window segments from ``start`` on (``whole_rows``:
-        of every safetensors segment); None when there are none."""
+                 ahead: int | None = None, whole_rows: bool | None = None,
+                 reader: "RowReader | None" = None) -> "SourceReadahead | None":
+        """The read-ahead of a plan's column-window segments from ``start`` on (``whole_rows``: of
+        every safetensors segment, and with ``reader`` of every DCP segment too: their chunks are
+        located when due, by the thread); None when there is nothing to read ahead."""
         ahead = readahead_distance() if ahead is None else ahead
         if ahead <= 0:
             return None
         if whole_rows is None:  # HFNEMO_READAHEAD_ALL=0: column windows only (for A/B runs)
             whole_rows = os.environ.get("HFNEMO_READAHEAD_ALL", "1") != "0"
-        entries, seen, at = [], set(), 0
+        entries: list = []
+        seen: set = set()
+        at = 0
         for idx in range(start[0], len(items)):
             it = items[idx]
             row_bytes = it.row_elems * BY_NAME[it.dtype].itemsize
@@ -196,21 +202,29 @@ class SourceReadahead:
                 if (not seg.cols and not whole_rows) or seg.source is None or seg.out_row + seg.rows <= first:
                     continue
                 src = sources[seg.source]
-                if src.location[0] != "safetensors" or (seg.cols and len(src.shape) != 2):
+                kind = src.location[0]
+                if not (kind == "safetensors" and (not seg.cols or len(src.shape) == 2)
+                        or kind == "dcp" and reader is not None and reader.index is not None and src.shape):
                     continue
-                _, path, offset = src.location
                 src_row = BY_NAME[src.dtype].itemsize
                 for d in src.shape[1:]:
                     src_row *= d
                 r0 = seg.src_row + max(0, first - seg.out_row)
                 r1 = seg.src_row + seg.rows
-                rng = (str(path), int(offset) + r0 * src_row, (r1 - r0) * src_row)
-                if rng not in seen:
-                    seen.add(rng)
-                    # pace: output bytes per source byte of a whole-row segment (followed within the
-                    # range); a window range is read whole once started (its TP windows follow it)
-                    pace = 0.0 if seg.cols else it.row_elems * BY_NAME[it.dtype].itemsize / src_row
-                    entries.append((*rng, at + max(0, seg.out_row - first) * row_bytes, pace))
+                if kind == "safetensors":
+                    _, path, offset = src.location
+                    key: tuple = (str(path), int(offset) + r0 * src_row, (r1 - r0) * src_row)
+                    ranges: object = (key,)
+                else:
+                    key = (src.name, r0, r1)
+                    ranges = functools.partial(reader.byte_ranges, src, r0, r1)
+                if key in seen:
+                    continue
+                seen.add(key)
+                # pace: output bytes per source byte of a whole-row segment (followed within the
+                # range); a window range is read whole once started (its TP windows follow it)
+                pace = 0.0 if seg.cols else it.row_elems * BY_NAME[it.dtype].itemsize / src_row
+                entries.append((ranges, at + max(0, seg.out_row - first) * row_bytes, pace))
             at += (it.rows - first) * row_bytes
         return cls(entries, ahead) if entries else None
 
@@ -240,7 +254,7 @@ class SourceReadahead:
         one = bytearray(1)
         fds: dict[str, int] = {}
         try:
-            for path, start, length, at, pace in self.entries:
+            for ranges, at, pace in self.entries:
                 with self._cv:
                     while not self._stop and self.submitted + self.ahead < at:
                         self._cv.wait()
@@ -249,31 +263,35 @@ class SourceReadahead:
                     if self.submitted > at and not pace:
                         self.skipped += 1
                         continue
-                fd = fds.get(path)
-                if fd is None:
-                    fd = fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                end, off, last = start + length, start, None
-                while off < end:
-                    if pace:  # stay within ``ahead`` of the executor, and behind nothing it has read
-                        with self._cv:
-                            while not self._stop and self.submitted + self.ahead < at + (off - start) * pace:
-                                self._cv.wait()
-                            passed = int((self.submitted - at) / pace)
-                        if passed > off - start:
-                            off = start + min(length, -(-passed // 4096) * 4096)
-                            last = None
-                            continue
-                    if self._stop:
-                        return "stopped"
-                    n = min(READAHEAD_CHUNK, end - off)
-                    os.posix_fadvise(fd, off, n, os.POSIX_FADV_WILLNEED)
+                done = 0  # source bytes of this entry behind us
+                for path, start, length in (ranges() if callable(ranges) else ranges):
+                    fd = fds.get(path)
+                    if fd is None:
+                        fd = fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    end, off, last = start + length, start, None
+                    while off < end:
+                        if pace:  # stay within ``ahead`` of the executor, and behind nothing it has read
+                            here = done + off - start
+                            with self._cv:
+                                while not self._stop and self.submitted + self.ahead < at + here * pace:
+                                    self._cv.wait()
+                                passed = int((self.submitted - at) / pace)
+                            if passed > here:
+                                off = min(end, off + -(-(passed - here) // 4096) * 4096)
+                                last = None
+                                continue
+                        if self._stop:
+                            return "stopped"
+                        n = min(READAHEAD_CHUNK, end - off)
+                        os.posix_fadvise(fd, off, n, os.POSIX_FADV_WILLNEED)
+                        if last is not None:
+                            os.preadv(fd, [one], last)  # wait for the previous request
+                        last = off + n - 1
+                        off += n
+                        self.issued += n
                     if last is not None:
-                        os.preadv(fd, [one], last)  # wait for the previous request
-                    last = off + n - 1
-                    off += n
-                    self.issued += n
-                if last is not None:
-                    os.preadv(fd, [one], last)
+                        os.preadv(fd, [one], last)
+                    done += length
             return "done"
         finally:
             for fd in fds.values():
@@ -319,6 +337,30 @@ class RowReader:
             raise CorruptCheckpoint(f"reading rows {r0}..{r1} failed ({'end of file' if rc < 0 else os.strerror(rc)})",
                                     file=path, tensor=src.name, fix="the file is truncated or unreadable: re-copy it")
         return True
+
+    def byte_ranges(self, src: SourceTensor, r0: int, r1: int) -> list[tuple[str, int, int]]:
+        """Where rows [r0, r1) of a DCP source lie: (path, start, length) per chunk, in the order
+        the chunks are stored; the rows of a chunk are contiguous whatever it cuts of the trailing
+        dims. For the read-ahead (it locates chunks as read_rows would)."""
+        _, fqn, prefix = src.location
+        g = self.index.tensors[fqn]
+        prefix = tuple(prefix)
+        p = len(prefix)
+        out = []
+        for chunk in g.chunks:
+            o, s = chunk.offsets, chunk.sizes
+            if any(not (o[i] <= prefix[i] < o[i] + s[i]) for i in range(p)):
+                continue
+            a, b = max(r0, o[p]), min(r1, o[p] + s[p])
+            if a >= b:
+                continue
+            path = str(self.index.root / chunk.file)
+            st = self.locator.locate(self.files.fd(path), g.fqn, chunk)
+            strides = _strides(s)
+            base = sum((prefix[i] - o[i]) * strides[i] for i in range(p))
+            itemsize = g.dtype.itemsize
+            out.append((path, st.offset + (base + (a - o[p]) * strides[p]) * itemsize, (b - a) * strides[p] * itemsize))
+        return out
 
     def read_rows(self, src: SourceTensor, r0: int, r1: int, dest: memoryview) -> None:
         if not self._started:
