@@ -338,29 +338,38 @@ class RowReader:
                                     file=path, tensor=src.name, fix="the file is truncated or unreadable: re-copy it")
         return True
 
-    def byte_ranges(self, src: SourceTensor, r0: int, r1: int) -> list[tuple[str, int, int]]:
-        """Where rows [r0, r1) of a DCP source lie: (path, start, length) per chunk, in the order
-        the chunks are stored; the rows of a chunk are contiguous whatever it cuts of the trailing
-        dims. For the read-ahead (it locates chunks as read_rows would)."""
-        _, fqn, prefix = src.location
-        g = self.index.tensors[fqn]
-        prefix = tuple(prefix)
+    def _chunk_rows(self, g: GlobalTensor, prefix: tuple[int, ...], src: SourceTensor, r0: int, r1: int):
+        """The stored chunks holding rows [r0, r1) of ``src`` at ``prefix``, each as (chunk, path, fd,
+        located chunk, a, b, start, chunk_row_bytes): its rows [a, b) begin at byte ``start`` of
+        ``path`` and lie contiguously, ``chunk_row_bytes`` a row, whatever it cuts of the trailing
+        dims. A 0-d logical tensor is one element (a, b = 0, 1)."""
         p = len(prefix)
-        out = []
+        itemsize = g.dtype.itemsize
         for chunk in g.chunks:
             o, s = chunk.offsets, chunk.sizes
             if any(not (o[i] <= prefix[i] < o[i] + s[i]) for i in range(p)):
                 continue
-            a, b = max(r0, o[p]), min(r1, o[p] + s[p])
-            if a >= b:
-                continue
+            if not src.shape:
+                a, b = 0, 1
+            else:
+                a, b = max(r0, o[p]), min(r1, o[p] + s[p])
+                if a >= b:
+                    continue
             path = str(self.index.root / chunk.file)
-            st = self.locator.locate(self.files.fd(path), g.fqn, chunk)
+            fd = self.files.fd(path)
+            st = self.locator.locate(fd, g.fqn, chunk)
             strides = _strides(s)
             base = sum((prefix[i] - o[i]) * strides[i] for i in range(p))
-            itemsize = g.dtype.itemsize
-            out.append((path, st.offset + (base + (a - o[p]) * strides[p]) * itemsize, (b - a) * strides[p] * itemsize))
-        return out
+            row, first = (strides[p], a - o[p]) if src.shape else (1, 0)
+            yield chunk, path, fd, st, a, b, st.offset + (base + first * row) * itemsize, row * itemsize
+
+    def byte_ranges(self, src: SourceTensor, r0: int, r1: int) -> list[tuple[str, int, int]]:
+        """Where rows [r0, r1) of a DCP source lie: (path, start, length) per chunk, in the order
+        the chunks are stored. For the read-ahead (it locates chunks as read_rows does)."""
+        _, fqn, prefix = src.location
+        return [(path, start, (b - a) * chunk_row)
+                for _, path, _, _, a, b, start, chunk_row in self._chunk_rows(self.index.tensors[fqn], tuple(prefix),
+                                                                               src, r0, r1)]
 
     def read_rows(self, src: SourceTensor, r0: int, r1: int, dest: memoryview) -> None:
         if not self._started:
@@ -387,35 +396,18 @@ class RowReader:
         p = len(prefix)
         covered = 0
         itemsize = g.dtype.itemsize
-        for chunk in g.chunks:
-            o, s = chunk.offsets, chunk.sizes
-            if any(not (o[i] <= prefix[i] < o[i] + s[i]) for i in range(p)):
-                continue
-            if not src.shape:  # a 0-d logical tensor is one element
-                a, b = 0, 1
-            else:
-                a, b = max(r0, o[p]), min(r1, o[p] + s[p])
-                if a >= b:
-                    continue
-            path = str(self.index.root / chunk.file)
-            fd = self.files.fd(path)
-            st = self.locator.locate(fd, g.fqn, chunk)
+        for chunk, path, fd, st, a, b, start, chunk_row_bytes in self._chunk_rows(g, prefix, src, r0, r1):
             if st.dtype.name != g.dtype.name:
                 raise CorruptCheckpoint(f"chunk stores {st.dtype.name}, .metadata says {g.dtype.name}", file=path,
                                         tensor=g.fqn, fix="the checkpoint is corrupt: re-create it")
-            strides = _strides(s)
-            base = sum((prefix[i] - o[i]) * strides[i] for i in range(p))
+            o, s = chunk.offsets, chunk.sizes
             full_trailing = all(o[j] == 0 and s[j] == g.shape[j] for j in range(p + 1, len(g.shape)))
             if not src.shape or full_trailing:
-                row_in_chunk = (a - o[p]) if src.shape else 0
-                start = st.offset + (base + row_in_chunk * (strides[p] if src.shape else 1)) * itemsize
                 pread_into(fd, dest[(a - r0) * row_bytes:(b - r0) * row_bytes], start, path=path)
                 covered += (b - a) * row_bytes
                 continue
             # The chunk splits the trailing dims (tensor-parallel row-parallel layout): read its
             # rows whole and scatter them into the right columns.
-            chunk_row_bytes = strides[p] * itemsize
-            start = st.offset + (base + (a - o[p]) * strides[p]) * itemsize
             covered += _scatter_chunk_rows(fd, path, start, b - a, chunk_row_bytes, o[p + 1:], s[p + 1:],
                                            g.shape[p + 1:], itemsize, dest[(a - r0) * row_bytes:(b - r0) * row_bytes])
         want = (r1 - r0) * row_bytes if src.shape else row_bytes
