@@ -5,11 +5,12 @@ plan -> GPU pipeline (``hfnemo.exec.gpu.iter_tensors_to_device``) against that H
 Not a test. One JSON object per line on stdout (progress on stderr):
 
     PYTHONPATH=src python benchmarks/bench_gpu.py [--cache DIR] [--repeat N] [--skip-pipeline] [--skip-diag]
-        [--skip-convert] [--deadline-s S]
+        [--skip-convert] [--skip-memory] [--deadline-s S]
 
 Kernels: each Triton case is swept over launch shapes (``sweep``, ``best_cfg``) and timed with the
 backend defaults (``triton_default_*``); gathers report host (piece table) and kernel time apart.
-Pipeline diagnosis (``diag_*``): preads into pinned memory alone, H2D alone, both overlapped, and
+In-memory (``pipeline_memory_to_gpu``): the checkpoint as an HF state dict in pinned and in
+pageable host memory, converted onto the GPU. Pipeline diagnosis (``diag_*``): preads into pinned memory alone, H2D alone, both overlapped, and
 mmap windows registered with cudaHostRegister (needs cupy). ``convert_device``: hfnemo.convert with
 --device cpu vs cuda on the 70B-shaped checkpoint.
 
@@ -267,6 +268,64 @@ def pipeline(cache: Path, h2d_gbps: float, repeat: int, max_memory: str) -> None
               "ratio_h2d_pinned": round(gbps / h2d_gbps, 3)})
 
 
+def pipeline_memory(cache: Path, h2d_gbps: float, repeat: int, max_memory: str) -> None:
+    """An HF state dict already in host memory onto the GPU (the refit path of a training job):
+    the tensors pinned (copied to the device in place, strided copies for TP column windows) and
+    pageable (through the pinned slots), against the pinned H2D bandwidth of the same run."""
+    import bench_convert
+    import hfnemo
+    from hfnemo.exec.gpu import iter_tensors_to_device
+    from safetensors.torch import load_file
+
+    src = bench_convert.ensure_checkpoint(cache, bench_convert.SHAPES["full"], 2)
+    t0 = time.perf_counter()
+    pageable: dict = {}
+    for f in sorted(src.glob("*.safetensors")):
+        pageable.update(load_file(str(f)))
+    t1 = time.perf_counter()
+    pinned = {k: v.pin_memory() for k, v in pageable.items()}
+    t2 = time.perf_counter()
+    total = sum(v.nbytes for v in pageable.values())
+    log(f"state dict: {total / 1e9:.2f} GB loaded in {t1 - t0:.1f} s, pinned copy in {t2 - t1:.1f} s")
+    emit({"bench": "memory_state_dict", "bytes": total, "tensors": len(pageable), "load_s": round(t1 - t0, 2),
+          "pin_s": round(t2 - t1, 2)})
+
+    def run_once(job, **kw):
+        stats: dict = {}
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _key, _off, tensor in iter_tensors_to_device(job.plan, job.reader, "cuda", max_memory=max_memory,
+                                                         stats=stats, **kw):
+            del tensor
+        torch.cuda.synchronize()
+        return time.perf_counter() - t, stats
+
+    for dtype, tp in (("auto", 1), ("fp16", 1), ("auto", 8), ("fp16", 8)):
+        for name, sd in (("pinned", pinned), ("pageable", pageable)):
+            job = hfnemo.api._memory_job(sd, src, dtype, "64GiB", tp)
+            res = [run_once(job) for _ in range(repeat)]
+            secs, stats = min(res, key=lambda r: r[0])
+            gbps = job.plan.read_bytes / secs / 1e9
+            emit({"bench": "pipeline_memory_to_gpu", "memory": name, "dtype": dtype, "tp": tp,
+                  "read_bytes": job.plan.read_bytes, "out_bytes": job.plan.write_bytes, "items": len(job.plan.items),
+                  "best_s": round(secs, 4), "all_s": [round(r[0], 4) for r in res], "GBps_read": round(gbps, 2),
+                  "ratio_h2d_pinned": round(gbps / h2d_gbps, 3), "max_memory": max_memory,
+                  **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()}})
+    # the public call, planning included
+    best = float("inf")
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _name, tensor in hfnemo.iter_tensors(pinned, to="nemo", config=src, device="cuda", max_memory=max_memory):
+            del tensor
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    gbps = total / best / 1e9
+    emit({"bench": "iter_tensors_state_dict_cuda", "memory": "pinned", "best_s": round(best, 4),
+          "GBps_read": round(gbps, 2), "ratio_h2d_pinned": round(gbps / h2d_gbps, 3)})
+    del pinned, pageable
+
+
 def _plan_reads(plan, piece: int):
     """Every (source, r0, r1, nbytes) read of the plan, cut into about ``piece`` bytes."""
     from hfnemo.dtypes import BY_NAME
@@ -445,6 +504,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--skip-diag", action="store_true")
     ap.add_argument("--skip-convert", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true", help="skip the in-memory state dict pipeline")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="skip later convert runs past this many s")
     args = ap.parse_args(argv)
     import triton
@@ -460,6 +520,9 @@ def main(argv=None) -> int:
     if not args.skip_pipeline:
         args.cache.mkdir(parents=True, exist_ok=True)
         pipeline(args.cache, gbps, args.pipeline_repeat, args.max_memory)
+    if not args.skip_memory:
+        args.cache.mkdir(parents=True, exist_ok=True)
+        pipeline_memory(args.cache, gbps, max(3, args.pipeline_repeat), args.max_memory)
     if not (args.skip_diag and args.skip_convert):
         import bench_convert
         src = bench_convert.ensure_checkpoint(args.cache, bench_convert.SHAPES["full"], 2)

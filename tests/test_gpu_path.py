@@ -223,3 +223,58 @@ def test_iter_tensors_to_device_mmap_early_exit_and_auto(tiny_hf_factory):
     with pytest.raises(ValueError, match="column"):
         next(iter_tensors_to_device(plan2, reader, "cuda", max_memory="64MiB", source="mmap"))
     reader.close()
+
+
+# ------------------------------------------------------------------ in-memory state dicts onto the GPU
+
+def _host_chunks(it):
+    return [(k, tuple(o), t.contiguous().view(-1).view(torch.uint8).cpu()) for k, o, t in it]
+
+
+@needs_cuda
+@pytest.mark.parametrize("pinned", [True, False])
+@pytest.mark.parametrize("dtype,tp", [("auto", 1), ("fp16", 1), ("auto", 2), ("fp16", 2)])
+def test_state_dict_to_device_matches_cpu(tiny_hf_factory, pinned, dtype, tp):
+    """hfnemo.iter_tensors(state_dict, device="cuda"): pinned tensors are copied to the device in
+    place (no pinned slots), pageable ones through the slots; both byte-identical to the CPU stream
+    (copies, casts, column cuts then casts)."""
+    from tiny_models import load_hf_state
+    from hfnemo.exec.gpu import iter_tensors_to_device
+
+    src = tiny_hf_factory("llama3_gqa", dtype=torch.float32 if dtype == "fp16" else torch.bfloat16)
+    sd = load_hf_state(src)
+    if pinned:
+        sd = {k: v.pin_memory() for k, v in sd.items()}
+    before = {k: v.clone() for k, v in sd.items()}
+    want = _host_chunks(hfnemo.iter_tensors(src, to="nemo", dtype=dtype, tp=tp, chunks=True))
+    got = _host_chunks(hfnemo.iter_tensors(sd, to="nemo", dtype=dtype, tp=tp, chunks=True, config=src,
+                                           device="cuda", max_memory="256MiB"))
+    assert [(k, o) for k, o, _ in want] == [(k, o) for k, o, _ in got]
+    for (k, o, a), (_, _, b) in zip(want, got):
+        assert torch.equal(a, b), (k, o)
+    assert all(torch.equal(before[k], sd[k]) for k in sd)
+    job = api._memory_job(sd, src, dtype, "256MiB", tp)
+    stats: dict = {}
+    n = sum(1 for _ in iter_tensors_to_device(job.plan, job.reader, "cuda", max_memory="64MiB", depth=3, stats=stats))
+    assert n == len(job.plan.items)
+    assert (stats["source_path"] == "pinned memory") == pinned
+    assert (stats["pinned_bytes"] == 0) == pinned
+    assert stats["sources_in_pinned_memory"] == (len(sd) if pinned else 0)
+
+
+@needs_cuda
+def test_directory_to_device_matches_cpu(tiny_hf_factory):
+    src = tiny_hf_factory("llama3_gqa")
+    want = _host_chunks(hfnemo.iter_tensors(src, to="nemo", tp=2, chunks=True))
+    got = _host_chunks(hfnemo.iter_tensors(src, to="nemo", tp=2, chunks=True, device="cuda"))
+    assert [(k, o) for k, o, _ in want] == [(k, o) for k, o, _ in got]
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(want, got))
+
+
+@pytest.mark.skipif(CUDA, reason="checks the refusal on a machine without CUDA")
+def test_device_cuda_without_cuda_is_refused(tiny_hf_factory):
+    from hfnemo.errors import UsageError
+
+    with pytest.raises(UsageError) as e:
+        next(hfnemo.iter_tensors(tiny_hf_factory("llama3_gqa"), to="nemo", device="cuda"))
+    assert "CUDA" in str(e.value) and e.value.fix

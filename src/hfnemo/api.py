@@ -137,8 +137,11 @@ class _Job:
 
 
 def _plan_import(src: Path, dtype: str, budget: Budget, tp: int = 1, pp: int = 1, ep: int = 1,
-                 fmt: str = "nemo2", overrides: dict[str, Any] | None = None) -> _Job:
-    cfg = hfio.read_config(src)
+                 fmt: str = "nemo2", overrides: dict[str, Any] | None = None,
+                 memory: tuple[Any, dict[str, SourceTensor], RowReader] | None = None) -> _Job:
+    """The import plan of the HF directory ``src``, or (``memory``: config, sources, reader) of
+    an in-memory state dict (:func:`_memory_job`)."""
+    cfg = memory[0] if memory else hfio.read_config(src)
     arch = (cfg.data.get("architectures") or [None])[0]
     if not arch:
         raise ConfigError("config.json has no 'architectures'", file=cfg.path,
@@ -148,13 +151,13 @@ def _plan_import(src: Path, dtype: str, budget: Budget, tp: int = 1, pp: int = 1
     if overrides:  # hfnemo.overrides: checked against the weights before anything else
         from hfnemo.overrides import apply_overrides
 
-        sources = hf_sources(hfio.scan_weights(src))
+        sources = memory[1] if memory else hf_sources(hfio.scan_weights(src))
         applied = apply_overrides(spec, cfg, overrides, sources, tp)
         cfg = applied.hf
     dims = hf_dims(spec, cfg.data, cfg.path)
     check_layout(dims, tp, pp, ep)
     if sources is None:
-        sources = hf_sources(hfio.scan_weights(src))
+        sources = memory[1] if memory else hf_sources(hfio.scan_weights(src))
     logicals = map_tensors(spec, dims, sources, "hf_to_nemo", str(src))
     if fmt in _DCP_FORMATS:
         items, blobs, files = layout_nemo(spec, dims, logicals, dtype, tp=tp, prefix=_DCP_FORMATS[fmt],
@@ -162,7 +165,7 @@ def _plan_import(src: Path, dtype: str, budget: Budget, tp: int = 1, pp: int = 1
     else:
         items, blobs, files = _layout_legacy(fmt, spec, dims, logicals, dtype, tp, pp, ep)
     target, nemo_args = hf_to_nemo_config(spec, cfg.data, cfg.path)
-    side = _hf_side_files(src)
+    side = {} if memory else _hf_side_files(src)
     if applied is not None:
         nemo_args.update(applied.nemo)
         if applied.changed_hf:  # the kept hf_config.json carries the overrides (export gives them back)
@@ -185,7 +188,7 @@ def _plan_import(src: Path, dtype: str, budget: Budget, tp: int = 1, pp: int = 1
                 sources=tuple(sources.values()), items=tuple(items), byte_items=tuple(blobs), files=tuple(files),
                 config={"_target_": target, **nemo_args}, budget=budget_plan(items, sources, budget),
                 layout={"tp": tp, "pp": pp, "ep": ep, "format": fmt})
-    return _Job(plan, RowReader(), src, {"spec": spec, "hf": cfg, "dims": dims, "format": fmt,
+    return _Job(plan, memory[2] if memory else RowReader(), src, {"spec": spec, "hf": cfg, "dims": dims, "format": fmt,
                                          "side": side, "emb_rows": _embedding_rows(logicals, dims),
                                          "ncfg": _full_config(target, nemo_args), "scratch": scratch})
 
@@ -308,6 +311,37 @@ def _job(src: str | Path, to: str | None, dtype: str | None, max_memory: int | s
     if kind == "legacy":
         return _plan_export_legacy(path, _dtype(dtype), budget, shard)
     return _plan_export(path, _dtype(dtype), budget, shard)
+
+
+def _hf_config(config: Any) -> Any:
+    """An in-memory source's config.json: a dict, a transformers config (``to_dict()``), a path to
+    config.json or to a directory holding one."""
+    if config is None:
+        raise UsageError("an in-memory state dict needs its HF config", file="<state dict>",
+                         fix="pass config= (a dict, model.config, or the path of config.json / its directory)")
+    if hasattr(config, "to_dict") and not isinstance(config, dict):
+        config = config.to_dict()
+    if isinstance(config, dict):
+        return hfio.normalise_config(json.loads(json.dumps(config, default=str)), "<config>")
+    path = Path(config).expanduser()
+    return hfio.read_config(path) if path.is_dir() else hfio.normalise_config(
+        hfio.read_json(path, "config.json"), str(path))
+
+
+def _memory_job(tensors: Any, config: Any, dtype: str | None, max_memory: int | str | None, tp: int = 1,
+                pp: int = 1, ep: int = 1, overrides: Any = None) -> _Job:
+    """The import plan of an HF state dict in host memory (hfnemo.exec.memsource): the tensors
+    are the sources, read in place; ``max_memory`` counts what hfnemo allocates beside them."""
+    from hfnemo.exec.memsource import MemoryReader, memory_sources
+    from hfnemo.overrides import parse_overrides
+
+    cfg = _hf_config(config)
+    sources = memory_sources(tensors)
+    held = sum(s.nbytes for s in sources.values())
+    budget = Budget(max_memory=_size(max_memory, DEFAULT_MAX_MEMORY, "max_memory"),
+                    baseline=max(0, current_rss() - held) + dcp.torch_import_reserve())
+    return _plan_import(Path("<state dict>"), _dtype(dtype), budget, tp, pp, ep, "nemo2", parse_overrides(overrides),
+                        memory=(cfg, sources, MemoryReader(tensors)))
 
 
 def plan(src: str | Path, *, to: str | None = None, dtype: str | None = "auto",

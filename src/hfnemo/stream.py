@@ -20,7 +20,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from hfnemo.lazy import LazyModule
 
@@ -256,10 +256,11 @@ def widest(view: TensorView) -> int:
     return max([1] + [widest_row(it, view.sources) for it in view.items])
 
 
-def block_bytes(max_memory: int, buffers: int, row: int, fixed: int = 0, largest: int = 0) -> int:
+def block_bytes(max_memory: int, buffers: int, row: int, fixed: int = 0, largest: int = 0, held: int = 0) -> int:
     """The row-block size that keeps baseline + reserve + ``fixed`` + ``buffers`` blocks under
-    ``max_memory``; BudgetExceeded when not even one row fits."""
-    baseline = _baseline()
+    ``max_memory``; BudgetExceeded when not even one row fits. ``held``: resident bytes that are
+    the caller's (an in-memory source), left out of the baseline."""
+    baseline = max(0, _baseline() - held)
     usable = max_memory - baseline - RESERVE - fixed
     block = min(MAX_BLOCK, usable // max(buffers, 1)) if usable > 0 else 0
     block -= block % 4096
@@ -362,13 +363,16 @@ def as_tensor(item: OutputItem, data: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ the public stream
 
-def iter_tensors(src: str | Path, to: str = "hf", *, dtype: str | None = "auto",
+def iter_tensors(src: "str | Path | Mapping[str, torch.Tensor]", to: str = "hf", *, dtype: str | None = "auto",
                  max_memory: int | str | None = None, tp: int = 1, pp: int = 1, ep: int = 1,
-                 chunks: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+                 chunks: bool = False, config: Any = None, device: str = "cpu",
+                 overrides: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream the tensors of ``src`` converted to ``to``, without writing anything.
 
     Args:
-        src: HF directory, NeMo 2 checkpoint, NeMo 1 directory or Megatron-LM checkpoint.
+        src: HF directory, NeMo 2 checkpoint, NeMo 1 directory or Megatron-LM checkpoint; or an HF
+            state dict in host memory (``{hf_name: tensor}``, CPU, contiguous) with ``config``
+            (``to="nemo"`` only): its tensors are read in place, never changed.
         to: ``"hf"``: one ``(hf_name, tensor)`` per HF tensor, exactly what ``hfnemo export``
             would write into the safetensors shards (an HF source: its own tensors).
             ``"nemo"``: one ``(fqn, chunk)`` per chunk of the NeMo 2 DCP checkpoint ``hfnemo
@@ -380,24 +384,62 @@ def iter_tensors(src: str | Path, to: str = "hf", *, dtype: str | None = "auto",
         dtype: ``"auto"`` (as stored) or bf16/fp16/fp32 (round to nearest even).
         max_memory: the process's peak, as for convert (default 2GiB), counting the tensor being
             produced and the one the caller still holds from the previous step (drop it before
-            asking for the next one); BudgetExceeded when the largest tensor does not fit.
+            asking for the next one); BudgetExceeded when the largest tensor does not fit. An
+            in-memory source's tensors are not counted. With ``device="cuda"``: the pinned host
+            and device staging buffers (the yielded device tensors are the caller's).
         tp, pp, ep: NeMo layout (``to="nemo"``).
+        config: the HF config of an in-memory ``src``: a dict, a transformers config, or the path
+            of config.json (or of its directory).
+        device: ``"cpu"``, or ``"cuda"`` / ``"cuda:N"``: the tensors are produced in device memory
+            (pinned reads, async copies and the Triton kernels, overlapped:
+            :func:`hfnemo.exec.gpu.iter_tensors_to_device`); in-memory tensors that are pinned
+            (``tensor.pin_memory()``) are copied to the device directly.
+        overrides: config overrides of an import, as for convert (an HF source).
 
     Yields:
-        Freshly allocated tensors, yours to keep.
+        Freshly allocated tensors, yours to keep (on ``device``; ready on its current stream).
     """
     from hfnemo import api
 
     if to not in ("hf", "nemo"):
         raise UsageError(f"to={to!r}", fix='use to="hf" or to="nemo"')
+    dev = str(device)
+    if dev != "cpu" and not dev.startswith("cuda"):
+        raise UsageError(f"device={device!r}", fix='use device="cpu" or "cuda" (or "cuda:N")')
     limit = api._size(max_memory, api.DEFAULT_MAX_MEMORY, "max_memory")
-    view = (open_hf_view(src, dtype=dtype, max_memory=limit) if to == "hf"
-            else open_dcp_view(src, dtype=dtype, max_memory=limit, tp=tp, pp=pp, ep=ep))
+    held = 0
+    if isinstance(src, Mapping):
+        if to != "nemo":
+            raise UsageError("an in-memory state dict is converted to NeMo tensors", file="<state dict>",
+                             fix='pass to="nemo" (the state dict is HF already)')
+        job = api._memory_job(src, config, _dtype(dtype), limit, tp, pp, ep, overrides)
+        view = _job_view(job, "hf", "dcp")
+        held = sum(s.nbytes for s in view.sources.values())
+    else:
+        if config is not None:
+            raise UsageError("config= is for an in-memory state dict", file=str(src),
+                             fix="drop config=: a checkpoint directory has its own")
+        if overrides is not None and to == "nemo":
+            src_path = Path(src).expanduser()
+            if source_kind(src_path) != "hf":
+                raise UsageError("config overrides apply to an import (HF -> NeMo)", file=src_path,
+                                 fix="drop overrides=, or stream from the HF model")
+            view = _job_view(api._job(src_path, "nemo", _dtype(dtype), limit, None, tp, pp, ep, "nemo2",
+                                      overrides), "hf", "dcp")
+        elif overrides is not None:
+            raise UsageError("config overrides apply to an import (HF -> NeMo)", file=str(src),
+                             fix='drop overrides=, or pass to="nemo"')
+        else:
+            view = (open_hf_view(src, dtype=dtype, max_memory=limit) if to == "hf"
+                    else open_dcp_view(src, dtype=dtype, max_memory=limit, tp=tp, pp=pp, ep=ep))
     try:
+        if dev != "cpu":
+            yield from _iter_device(view, dev, limit, chunks)
+            return
         largest = max([0] + [it.nbytes for it in view.items])
         # two whole tensors (the one the caller holds, the one being produced) + staging blocks
         per_slot = buffers_per_slot(view, with_out=False)
-        block = block_bytes(limit, DEPTH * per_slot, widest(view), fixed=2 * largest, largest=largest)
+        block = block_bytes(limit, DEPTH * per_slot, widest(view), fixed=2 * largest, largest=largest, held=held)
         with ThreadPoolExecutor(max_workers=DEPTH, thread_name_prefix="hfnemo-stream") as pool:
             streamer = BlockStreamer(view, block, pool, with_out=False)
             for it in view.items:
@@ -410,6 +452,21 @@ def iter_tensors(src: str | Path, to: str = "hf", *, dtype: str | None = "auto",
                 del t
     finally:
         view.close()
+
+
+def _iter_device(view: TensorView, device: str, limit: int, chunks: bool) -> Iterator[tuple]:
+    """The view's items produced on a CUDA device by the GPU pipeline."""
+    from hfnemo.exec.gpu import iter_tensors_to_device
+    from hfnemo.plan.plan import Plan
+
+    if not torch.cuda.is_available():
+        raise UsageError(f"device={device!r} but CUDA is not available", fix='use device="cpu"')
+    plan = Plan(direction="stream", arch=view.arch or "", source=str(view.path), dtype="auto",
+                sources=tuple(view.sources.values()), items=tuple(view.items), byte_items=(), files=(),
+                config={}, budget={}, layout=dict(view.layout))
+    for key, offsets, t in iter_tensors_to_device(plan, view.reader, device, max_memory=limit):
+        yield (key, offsets, t) if chunks else (key, t)
+        del t
 
 
 __all__ = ["iter_tensors", "TensorView", "open_hf_view", "open_nemo_view", "open_dcp_view", "source_kind"]

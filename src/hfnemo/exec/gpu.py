@@ -47,7 +47,8 @@ class _Run:
 
     lo: int  # byte offset in the output tensor
     hi: int
-    kind: str  # "copy" (same dtype), "cast" (source dtype -> item dtype), "zero", "cut" (column window)
+    kind: str  # "copy" (same dtype), "cast" (source dtype -> item dtype), "zero", "cut" (column window),
+    # "cut2d" (column window copied strided from pinned memory, then cast when the dtypes differ)
     p0: int = 0  # byte offset in the slot (pinned and staging)
     p1: int = 0
     src_dtype: str = ""
@@ -55,6 +56,7 @@ class _Run:
     src_row: int = 0
     col_off: int = 0
     col_bytes: int = 0
+    host: torch.Tensor | None = None  # the run's source bytes in the caller's pinned memory (no slot read)
 
 
 @dataclass
@@ -139,8 +141,13 @@ def iter_tensors_to_device(plan: Plan, reader: RowReader, device: str | torch.de
     sources = {s.name: s for s in plan.sources}
     casting = any(sources[s.source].dtype != it.dtype for it in plan.items for s in it.segments if s.source)
     slicing = any(s.cols for it in plan.items for s in it.segments if s.source)
-    # pinned (+ device staging when casting or cutting columns, + a second one to cut then cast)
-    per_slot = 1 + (casting or slicing) + (casting and slicing)
+    host = pinned_sources(plan, reader)  # in-memory sources in pinned memory: copied from in place
+    copy2d = _strided_h2d() if host else None
+    reading = any(s.source not in host for it in plan.items for s in it.segments if s.source)
+    # pinned slots (unless every source is pinned already) + device staging when casting or cutting
+    # columns, + a second one to cut then cast
+    n_pinned = int(reading)
+    per_slot = max(1, n_pinned + (casting or slicing) + (casting and slicing))
     widest = max((_widest(it, sources) for it in plan.items), default=1)
     depth = max(2, depth)
     if block_bytes is None:
@@ -154,7 +161,7 @@ def iter_tensors_to_device(plan: Plan, reader: RowReader, device: str | torch.de
             fix=f"raise max_memory to at least {depth * per_slot * max(widest, 4096) >> 20} MiB")
     threads = read_threads or min(16, max(2, (os.cpu_count() or 4)))
 
-    slots = [_Slot(torch.empty(block_bytes, dtype=torch.uint8, pin_memory=True),
+    slots = [_Slot(torch.empty(block_bytes if reading else 0, dtype=torch.uint8, pin_memory=reading),
                    torch.empty(block_bytes, dtype=torch.uint8, device=dev) if (casting or slicing) else None,
                    torch.empty(block_bytes, dtype=torch.uint8, device=dev) if (casting and slicing) else None)
              for _ in range(depth)]
@@ -162,7 +169,10 @@ def iter_tensors_to_device(plan: Plan, reader: RowReader, device: str | torch.de
     compute_stream = torch.cuda.Stream(dev)
     consumer = torch.cuda.current_stream(dev)
     if stats is not None:
-        stats.update(source_path="pread", pinned_bytes=depth * block_bytes, device_staging_bytes=depth * block_bytes * (per_slot - 1),
+        stats.update(source_path="pinned memory" if host and not reading else "pread",
+                     pinned_bytes=depth * block_bytes * n_pinned,
+                     device_staging_bytes=depth * block_bytes * (per_slot - n_pinned),
+                     sources_in_pinned_memory=len(host),
                      block_bytes=block_bytes, depth=depth, read_threads=threads, budget=budget,
                      backend=getattr(backend, "name", "?"))
     t0 = time.perf_counter()
@@ -193,13 +203,21 @@ def iter_tensors_to_device(plan: Plan, reader: RowReader, device: str | torch.de
             nbytes = (b - a) * src_row
             kind = "cut" if seg.cols else ("copy" if src.dtype == it.dtype else "cast")
             prev = runs[-1] if runs else None
+            mem = host.get(seg.source)
+            view = None if mem is None else mem[s0 * src_row:s0 * src_row + nbytes]
             if kind == "cut":
+                if view is not None and copy2d is not None:
+                    kind = "cut2d"  # one strided H2D of the window's bytes only (no full rows)
                 runs.append(_Run(lo, hi, kind, pos, pos + nbytes, src.dtype, b - a, src_row, seg.col * src_item,
-                                 seg.cols * src_item))
-            elif prev and prev.kind == kind and prev.hi == lo and prev.p1 == pos and prev.src_dtype == src.dtype:
+                                 seg.cols * src_item, view))
+            elif (view is None and prev and prev.host is None and prev.kind == kind and prev.hi == lo
+                  and prev.p1 == pos and prev.src_dtype == src.dtype):
                 prev.hi, prev.p1 = hi, pos + nbytes  # merge with the previous run: one H2D copy
             else:
-                runs.append(_Run(lo, hi, kind, pos, pos + nbytes, src.dtype))
+                runs.append(_Run(lo, hi, kind, pos, pos + nbytes, src.dtype, host=view))
+            if view is not None:  # straight from the caller's pinned tensor: nothing to read
+                pos += nbytes
+                continue
             # cut the read in pieces of whole rows so several threads fill the slot
             step = max(1, READ_PIECE // max(src_row, 1))
             for k in range(0, b - a, step):
@@ -220,15 +238,25 @@ def iter_tensors_to_device(plan: Plan, reader: RowReader, device: str | torch.de
         out = pend.out
         with torch.cuda.stream(copy_stream):
             for r in pend.runs:
+                if r.kind == "zero":
+                    continue
+                if r.kind == "cut2d":  # the window's columns of each row, straight from the caller's pinned rows
+                    n = r.rows * r.col_bytes
+                    same = r.src_dtype == pend.item.dtype
+                    target = out[r.lo:r.hi] if same else slot.staging[r.p0:r.p0 + n]
+                    copy2d(target, r.col_bytes, r.host, r.col_off, r.src_row, r.col_bytes, r.rows, copy_stream)
+                    moved += n
+                    continue
+                src_bytes = r.host if r.host is not None else slot.pinned[r.p0:r.p1]
                 if r.kind == "copy":
-                    out[r.lo:r.hi].copy_(slot.pinned[r.p0:r.p1], non_blocking=True)
-                elif r.kind in ("cast", "cut"):
-                    slot.staging[r.p0:r.p1].copy_(slot.pinned[r.p0:r.p1], non_blocking=True)
+                    out[r.lo:r.hi].copy_(src_bytes, non_blocking=True)
+                else:  # "cast", "cut"
+                    slot.staging[r.p0:r.p1].copy_(src_bytes, non_blocking=True)
                 moved += r.p1 - r.p0
             ev = torch.cuda.Event()
             ev.record(copy_stream)
         pend.events.append(ev)
-        kernels = [r for r in pend.runs if r.kind != "copy"]
+        kernels = [r for r in pend.runs if r.kind != "copy" and not (r.kind == "cut2d" and r.src_dtype == pend.item.dtype)]
         if kernels:
             compute_stream.wait_event(ev)
             with torch.cuda.stream(compute_stream):
@@ -236,6 +264,11 @@ def iter_tensors_to_device(plan: Plan, reader: RowReader, device: str | torch.de
                 for r in kernels:
                     if r.kind == "zero":
                         out[r.lo:r.hi].zero_()
+                    elif r.kind == "cut2d":
+                        if r.src_dtype != pend.item.dtype:
+                            n = r.rows * r.col_bytes
+                            backend.cast(out[r.lo:r.hi].view(dt_out), slot.staging[r.p0:r.p0 + n].view(
+                                BY_NAME[r.src_dtype].torch))
                     elif r.kind == "cut":
                         same = r.src_dtype == pend.item.dtype
                         n = r.rows * r.col_bytes
@@ -306,6 +339,57 @@ def iter_tensors_to_device(plan: Plan, reader: RowReader, device: str | torch.de
     if stats is not None:
         stats.update(seconds=time.perf_counter() - t0, read_wait_seconds=wait_read, bytes_h2d=moved,
                      bytes_out=plan.write_bytes)
+
+
+def _strided_h2d():
+    """``copy2d(dst, dpitch, src, src_off, spitch, width, height, stream)``: an async strided copy
+    (cudaMemcpy2DAsync) of ``height`` rows of ``width`` bytes from pinned host ``src`` (byte offset
+    ``src_off``, rows ``spitch`` apart) into device ``dst`` (rows ``dpitch`` apart); None when the
+    CUDA runtime is not reachable through ctypes (the pipeline then copies whole rows and cuts)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = sorted({ln.split()[-1] for ln in fh if "libcudart.so" in ln})
+        if not paths:
+            return None
+        lib = ctypes.CDLL(paths[0])
+        fn = lib.cudaMemcpy2DAsync
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+                   ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    host_to_device = 1
+
+    def copy2d(dst: torch.Tensor, dpitch: int, src: torch.Tensor, src_off: int, spitch: int, width: int,
+               height: int, stream: torch.cuda.Stream) -> None:
+        if height == 0 or width == 0:
+            return
+        if src_off + (height - 1) * spitch + width > src.numel() or height * dpitch > dst.numel():
+            raise ValueError("strided copy out of bounds")
+        rc = fn(dst.data_ptr(), dpitch, src.data_ptr() + src_off, spitch, width, height, host_to_device,
+                stream.cuda_stream)
+        if rc:
+            raise RuntimeError(f"cudaMemcpy2DAsync failed with CUDA error {rc}")
+
+    return copy2d
+
+
+def pinned_sources(plan: Plan, reader: RowReader) -> dict[str, torch.Tensor]:
+    """The plan's in-memory sources (hfnemo.exec.memsource) whose tensors are in pinned memory, as
+    flat byte views: the pipeline copies them to the device in place, with no host staging copy."""
+    tensors = getattr(reader, "tensors", None)
+    if not tensors:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for s in plan.sources:
+        if s.location[0] == "memory":
+            reader._check(s)
+            t = tensors[s.location[1]]
+            if t.numel() and t.is_pinned():
+                out[s.name] = t.reshape(-1).view(torch.uint8)
+    return out
 
 
 # ----------------------------------------------------------------------------- mmap-window source path
