@@ -39,6 +39,8 @@ def test_readme_python_examples_run(tiny_hf_factory, tmp_path: Path, monkeypatch
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k].float()) for k in want)
     assert "module.decoder.layers.self_attention.linear_qkv.weight (1, 0, 0)" in out
     assert "nemo2" in out and "hf" in out  # list_checkpoints printed both
+    # the in-memory state dict block streamed the model's own tensors (on the GPU when there is one)
+    assert ns["fqn"].startswith("module.") and ns["chunk"].device.type == ("cuda" if ns["gpu"] else "cpu")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ pipeline over pinned / pageable state dicts is checked against these bytes in te
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

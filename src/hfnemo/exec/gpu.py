@@ -15,6 +15,11 @@ Pipeline (three stages overlapping, as the CPU executor's read-ahead does):
      the staging bytes into the output dtype; zero fill (vocab padding) is a device memset.
 A slot is refilled only after the events of its copy (and cast) have completed.
 
+In-memory sources (an HF state dict, hfnemo.exec.memsource) whose tensors are in pinned memory skip
+stage 1: their rows are copied to the device in place (column windows with one strided
+cudaMemcpy2DAsync each), so no host copy competes with the DMA for host memory bandwidth, and no
+pinned slots are allocated when every source is pinned.
+
 Memory: ``max_memory`` covers the pinned slots plus the device staging slots (only allocated when
 some item casts); ``stats`` reports both. The yielded output tensors belong to the caller (they
 are the product) and are not counted: a caller that keeps every tensor holds the whole model.

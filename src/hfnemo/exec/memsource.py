@@ -13,6 +13,7 @@ tensors a caller keeps are not).
 """
 from __future__ import annotations
 
+import ctypes
 from typing import TYPE_CHECKING, Mapping
 
 from hfnemo.dtypes import BY_NAME, BY_TORCH
@@ -31,15 +32,6 @@ except ImportError:  # pragma: no cover - exercised when the extension is not bu
 
 KIND = "memory"
 WHERE = "<state dict>"  # the "file" errors name for an in-memory source
-
-
-def is_state_dict(obj: object) -> bool:
-    """A mapping of names to tensors (what :func:`memory_sources` takes)."""
-    if not isinstance(obj, Mapping) or not obj:
-        return False
-    import torch
-
-    return all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
 def memory_sources(tensors: Mapping[str, "torch.Tensor"]) -> dict[str, SourceTensor]:
@@ -70,26 +62,17 @@ def memory_sources(tensors: Mapping[str, "torch.Tensor"]) -> dict[str, SourceTen
 
 
 class MemoryReader(RowReader):
-    """RowReader over host tensors: ``read_rows`` / ``read_cols`` copy their bytes (the native
-    core's multithreaded memcpy and column cut, the GIL released; memoryview copies without it)."""
+    """RowReader over host tensors: ``read_rows`` / ``read_cols`` copy their bytes (a memcpy, and
+    the native core's column cut, with the GIL released).
+    The mapping is copied when the plan is made: entries added or replaced later are not seen, and
+    a tensor changed in place to another shape or dtype is refused before it is read."""
 
     def __init__(self, tensors: Mapping[str, "torch.Tensor"]) -> None:
         super().__init__()
         self.tensors = dict(tensors)
-        self._bytes: dict[str, memoryview] = {}
 
     def tensor(self, src: SourceTensor) -> "torch.Tensor":
         return self.tensors[src.location[1]]
-
-    def host_bytes(self, src: SourceTensor) -> memoryview:
-        """The source tensor's bytes (read-only view, in place)."""
-        mv = self._bytes.get(src.name)
-        if mv is None:
-            t = self.tensor(src)
-            mv = memoryview(t.reshape(-1).view(__import__("torch").uint8).numpy()).toreadonly() if t.numel() \
-                else memoryview(b"")
-            self._bytes[src.name] = mv
-        return mv
 
     def _check(self, src: SourceTensor) -> None:
         t = self.tensors.get(src.location[1])
@@ -106,14 +89,11 @@ class MemoryReader(RowReader):
         row = BY_NAME[src.dtype].itemsize
         for s in src.shape[1:]:
             row *= s
-        data = self.host_bytes(src)
         a, n = r0 * row, (r1 - r0) * row if src.shape else row
         if n == 0:
             return
-        if _C is not None:
-            _C.copy(address(dest), self.tensor(src).data_ptr() + a, n)
-        else:
-            memoryview(dest).cast("B")[:n] = data[a:a + n]
+        # one thread's memcpy, the GIL released (ctypes): the readers run several at once
+        ctypes.memmove(address(dest), self.tensor(src).data_ptr() + a, n)
 
     def read_cols(self, src: SourceTensor, r0: int, r1: int, col: int, cols: int,
                   dest: "torch.Tensor | memoryview") -> bool:
