@@ -253,7 +253,7 @@ def test_state_dict_to_device_matches_cpu(tiny_hf_factory, pinned, dtype, tp):
     for (k, o, a), (_, _, b) in zip(want, got):
         assert torch.equal(a, b), (k, o)
     assert all(torch.equal(before[k], sd[k]) for k in sd)
-    job = api._memory_job(sd, src, dtype, "256MiB", tp)
+    job = api._memory_job(sd, src, dtype, "64GiB", tp)
     stats: dict = {}
     n = sum(1 for _ in iter_tensors_to_device(job.plan, job.reader, "cuda", max_memory="64MiB", depth=3, stats=stats))
     assert n == len(job.plan.items)

@@ -407,12 +407,15 @@ def iter_tensors(src: "str | Path | Mapping[str, torch.Tensor]", to: str = "hf",
     if dev != "cpu" and not dev.startswith("cuda"):
         raise UsageError(f"device={device!r}", fix='use device="cpu" or "cuda" (or "cuda:N")')
     limit = api._size(max_memory, api.DEFAULT_MAX_MEMORY, "max_memory")
+    # on the GPU, max_memory bounds the pipeline's pinned and device buffers (checked there), not
+    # the resident size of a process that holds a CUDA context: the plans are made unbounded
+    plan_limit = limit if dev == "cpu" else 1 << 60
     held = 0
     if isinstance(src, Mapping):
         if to != "nemo":
             raise UsageError("an in-memory state dict is converted to NeMo tensors", file="<state dict>",
                              fix='pass to="nemo" (the state dict is HF already)')
-        job = api._memory_job(src, config, _dtype(dtype), limit, tp, pp, ep, overrides)
+        job = api._memory_job(src, config, _dtype(dtype), plan_limit, tp, pp, ep, overrides)
         view = _job_view(job, "hf", "dcp")
         held = sum(s.nbytes for s in view.sources.values())
     else:
@@ -424,14 +427,14 @@ def iter_tensors(src: "str | Path | Mapping[str, torch.Tensor]", to: str = "hf",
             if source_kind(src_path) != "hf":
                 raise UsageError("config overrides apply to an import (HF -> NeMo)", file=src_path,
                                  fix="drop overrides=, or stream from the HF model")
-            view = _job_view(api._job(src_path, "nemo", _dtype(dtype), limit, None, tp, pp, ep, "nemo2",
+            view = _job_view(api._job(src_path, "nemo", _dtype(dtype), plan_limit, None, tp, pp, ep, "nemo2",
                                       overrides), "hf", "dcp")
         elif overrides is not None:
             raise UsageError("config overrides apply to an import (HF -> NeMo)", file=str(src),
                              fix='drop overrides=, or pass to="nemo"')
         else:
-            view = (open_hf_view(src, dtype=dtype, max_memory=limit) if to == "hf"
-                    else open_dcp_view(src, dtype=dtype, max_memory=limit, tp=tp, pp=pp, ep=ep))
+            view = (open_hf_view(src, dtype=dtype, max_memory=plan_limit) if to == "hf"
+                    else open_dcp_view(src, dtype=dtype, max_memory=plan_limit, tp=tp, pp=pp, ep=ep))
     try:
         if dev != "cpu":
             yield from _iter_device(view, dev, limit, chunks)
