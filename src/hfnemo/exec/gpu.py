@@ -187,6 +187,18 @@ def iter_tensors_to_device(plan: Plan, reader: RowReader, device: str | torch.de
     def read_into(pinned: torch.Tensor, src: SourceTensor, r0: int, r1: int, p0: int, p1: int) -> None:
         reader.read_rows(src, r0, r1, memoryview(pinned.numpy())[p0:p1])
 
+    def cut_into(pinned: torch.Tensor, src: SourceTensor, r0: int, r1: int, col: int, cols: int, p0: int,
+                 p1: int) -> None:
+        dest = memoryview(pinned.numpy())[p0:p1]
+        if not reader.read_cols(src, r0, r1, col, cols, dest):  # no native core: whole rows, then cut
+            row = _row_bytes(src)
+            item = BY_NAME[src.dtype].itemsize
+            rows = bytearray((r1 - r0) * row)
+            reader.read_rows(src, r0, r1, memoryview(rows))
+            w = cols * item
+            for i in range(r1 - r0):
+                dest[i * w:(i + 1) * w] = rows[i * row + col * item:i * row + col * item + w]
+
     def plan_block(it: OutputItem, r0: int, r1: int, slot: _Slot, pool: ThreadPoolExecutor) -> tuple[list[_Run], list]:
         out_item = BY_NAME[it.dtype].itemsize
         row_out = it.row_elems * out_item
@@ -210,6 +222,20 @@ def iter_tensors_to_device(plan: Plan, reader: RowReader, device: str | torch.de
             prev = runs[-1] if runs else None
             mem = host.get(seg.source)
             view = None if mem is None else mem[s0 * src_row:s0 * src_row + nbytes]
+            if kind == "cut" and mem is None and src.location[0] == "memory":
+                # a pageable in-memory tensor: cut the window on the host (only its bytes are
+                # copied, and moved), then copy or cast as a whole run
+                win_row = seg.cols * src_item
+                n_win = (b - a) * win_row
+                runs.append(_Run(lo, hi, "copy" if src.dtype == it.dtype else "cast", pos, pos + n_win, src.dtype))
+                step = max(1, READ_PIECE // max(src_row, 1))
+                for k in range(0, b - a, step):
+                    m = min(step, b - a - k)
+                    p = pos + k * win_row
+                    futs.append(pool.submit(cut_into, slot.pinned, src, s0 + k, s0 + k + m, seg.col, seg.cols, p,
+                                            p + m * win_row))
+                pos += n_win
+                continue
             if kind == "cut":
                 if view is not None and copy2d is not None:
                     kind = "cut2d"  # one strided H2D of the window's bytes only (no full rows)
