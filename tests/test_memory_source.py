@@ -147,3 +147,17 @@ def test_budget_leaves_out_the_callers_tensors(tiny_hf_factory):
     with pytest.raises(BudgetExceeded):  # but what hfnemo allocates is: two 64 MiB chunks cannot fit
         next(hfnemo.iter_tensors(sd, to="nemo", tp=2, config=cfg,
                                  max_memory=current_rss() - sum(v.nbytes for v in sd.values()) + (16 << 20)))
+
+
+def test_overrides_with_state_dict_and_directory(tiny_hf_factory):
+    """overrides= are checked against the weights for both sources (a config-only override leaves
+    the tensors as they are; one the weights contradict is refused)."""
+    src = tiny_hf_factory("llama3_gqa")
+    sd = load_hf_state(src)
+    want = _chunks(hfnemo.iter_tensors(src, to="nemo", chunks=True))
+    _same(want, _chunks(hfnemo.iter_tensors(sd, to="nemo", chunks=True, config=src, overrides={"seq_length": 8192})))
+    _same(want, _chunks(hfnemo.iter_tensors(src, to="nemo", chunks=True, overrides=["seq_length=8192"])))
+    with pytest.raises(ConversionError):
+        next(hfnemo.iter_tensors(sd, to="nemo", config=src, overrides={"hf.num_key_value_heads": 4}))
+    with pytest.raises(UsageError):
+        next(hfnemo.iter_tensors(src, to="hf", overrides={"seq_length": 8192}))
