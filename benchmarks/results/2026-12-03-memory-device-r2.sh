@@ -12,7 +12,7 @@ gen=$!
 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_gpu_path.py tests/test_memory_source.py > "$out/gpu_tests.log" 2>&1
 tail -3 "$out/gpu_tests.log"; echo "gpu tests done at $(( $(date +%s) - t0 )) s"
 wait $gen
-python3 benchmarks/bench_gpu.py --cache $cache --repeat 10 --pipeline-repeat 5 --skip-kernels --skip-pipeline \
+python3 benchmarks/bench_gpu.py --cache $cache --repeat 10 --pipeline-repeat ${REPEAT:-5} --skip-kernels --skip-pipeline \
   --skip-diag --skip-convert > "$out/memory.jsonl" 2> "$out/memory.log"
 tail -3 "$out/memory.log"
 echo "total $(( $(date +%s) - t0 )) s"

@@ -353,6 +353,11 @@ def iter_tensors_to_device(plan: Plan, reader: RowReader, device: str | torch.de
                     slots[i].done = []
                     runs, futs = plan_block(it, r0, r1, slots[i], pool)
                     inflight.append(_Pending(it, out, runs, i, futs, r1 >= it.rows))
+                    if not futs:  # nothing to read (pinned in-memory rows, zero fill): queue its copies
+                        # now, so that the copy engine always has the blocks behind it (waiting for
+                        # the slots to run out first let its queue drain every `depth` blocks)
+                        while inflight and all(f.done() for f in inflight[0].reads):
+                            yield from retire_one()
             while inflight:
                 yield from retire_one()
         finally:
