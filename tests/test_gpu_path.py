@@ -257,7 +257,7 @@ def test_state_dict_to_device_matches_cpu(tiny_hf_factory, pinned, dtype, tp):
     stats: dict = {}
     n = sum(1 for _ in iter_tensors_to_device(job.plan, job.reader, "cuda", max_memory="64MiB", depth=3, stats=stats))
     assert n == len(job.plan.items)
-    assert (stats["source_path"] == "pinned memory") == pinned
+    assert (stats["source_path"] == "in place") == pinned
     assert (stats["pinned_bytes"] == 0) == pinned
     assert stats["sources_in_pinned_memory"] == (len(sd) if pinned else 0)
 
@@ -278,3 +278,29 @@ def test_device_cuda_without_cuda_is_refused(tiny_hf_factory):
     with pytest.raises(UsageError) as e:
         next(hfnemo.iter_tensors(tiny_hf_factory("llama3_gqa"), to="nemo", device="cuda"))
     assert "CUDA" in str(e.value) and e.value.fix
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,tp", [("auto", 1), ("fp16", 2)])
+def test_state_dict_on_the_gpu(tiny_hf_factory, dtype, tp):
+    """An HF state dict already in device memory converts there (D2D copies, strided for column
+    windows), byte-identical to the CPU stream; device="cpu" and another device are refused."""
+    from tiny_models import load_hf_state
+    from hfnemo.errors import UsageError
+
+    src = tiny_hf_factory("llama3_gqa", dtype=torch.float32 if dtype == "fp16" else torch.bfloat16)
+    host = load_hf_state(src)
+    sd = {k: v.cuda() for k, v in host.items()}
+    want = _host_chunks(hfnemo.iter_tensors(src, to="nemo", dtype=dtype, tp=tp, chunks=True))
+    got = _host_chunks(hfnemo.iter_tensors(sd, to="nemo", dtype=dtype, tp=tp, chunks=True, config=src, device="cuda"))
+    assert [(k, o) for k, o, _ in want] == [(k, o) for k, o, _ in got]
+    for (k, o, a), (_, _, b) in zip(want, got):
+        assert torch.equal(a, b), (k, o)
+    assert all(torch.equal(host[k].cuda(), sd[k]) for k in sd)  # untouched
+    with pytest.raises(UsageError) as e:
+        next(hfnemo.iter_tensors(sd, to="nemo", config=src))
+    assert e.value.tensor and "device" in e.value.fix
+    mixed = {**host, next(iter(host)): sd[next(iter(host))]}  # host and device tensors together
+    got2 = _host_chunks(hfnemo.iter_tensors(mixed, to="nemo", dtype=dtype, tp=tp, chunks=True, config=src,
+                                            device="cuda"))
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(want, got2))

@@ -329,15 +329,15 @@ def _hf_config(config: Any) -> Any:
 
 
 def _memory_job(tensors: Any, config: Any, dtype: str | None, max_memory: int | str | None, tp: int = 1,
-                pp: int = 1, ep: int = 1, overrides: Any = None) -> _Job:
+                pp: int = 1, ep: int = 1, overrides: Any = None, allow_cuda: bool = False) -> _Job:
     """The import plan of an HF state dict in host memory (hfnemo.exec.memsource): the tensors
     are the sources, read in place; ``max_memory`` counts what hfnemo allocates beside them."""
     from hfnemo.exec.memsource import MemoryReader, memory_sources
     from hfnemo.overrides import parse_overrides
 
     cfg = _hf_config(config)
-    sources = memory_sources(tensors)
-    held = sum(s.nbytes for s in sources.values())
+    sources = memory_sources(tensors, allow_cuda)
+    held = sum(s.nbytes for name, s in sources.items() if tensors[name].device.type == "cpu")
     budget = Budget(max_memory=_size(max_memory, DEFAULT_MAX_MEMORY, "max_memory"),
                     baseline=max(0, current_rss() - held) + dcp.torch_import_reserve())
     return _plan_import(Path("<state dict>"), _dtype(dtype), budget, tp, pp, ep, "nemo2", parse_overrides(overrides),

@@ -393,7 +393,8 @@ def iter_tensors(src: "str | Path | Mapping[str, torch.Tensor]", to: str = "hf",
         device: ``"cpu"``, or ``"cuda"`` / ``"cuda:N"``: the tensors are produced in device memory
             (pinned reads, async copies and the Triton kernels, overlapped:
             :func:`hfnemo.exec.gpu.iter_tensors_to_device`); in-memory tensors that are pinned
-            (``tensor.pin_memory()``) are copied to the device directly.
+            (``tensor.pin_memory()``) are copied to the device directly, and tensors already on
+            that device device to device (an HF state dict on the GPU, converted there).
         overrides: config overrides of an import, as for convert (an HF source).
 
     Yields:
@@ -415,9 +416,9 @@ def iter_tensors(src: "str | Path | Mapping[str, torch.Tensor]", to: str = "hf",
         if to != "nemo":
             raise UsageError("an in-memory state dict is converted to NeMo tensors", file="<state dict>",
                              fix='pass to="nemo" (the state dict is HF already)')
-        job = api._memory_job(src, config, _dtype(dtype), plan_limit, tp, pp, ep, overrides)
+        job = api._memory_job(src, config, _dtype(dtype), plan_limit, tp, pp, ep, overrides, allow_cuda=dev != "cpu")
         view = _job_view(job, "hf", "dcp")
-        held = sum(s.nbytes for s in view.sources.values())
+        held = sum(s.nbytes for s in view.sources.values() if src[s.location[1]].device.type == "cpu")
     else:
         if config is not None:
             raise UsageError("config= is for an in-memory state dict", file=str(src),

@@ -146,7 +146,7 @@ def iter_tensors_to_device(plan: Plan, reader: RowReader, device: str | torch.de
     sources = {s.name: s for s in plan.sources}
     casting = any(sources[s.source].dtype != it.dtype for it in plan.items for s in it.segments if s.source)
     slicing = any(s.cols for it in plan.items for s in it.segments if s.source)
-    host = pinned_sources(plan, reader)  # in-memory sources in pinned memory: copied from in place
+    host = pinned_sources(plan, reader, dev)  # in-memory sources pinned or on the device: copied in place
     copy2d = _strided_h2d() if host else None
     reading = any(s.source not in host for it in plan.items for s in it.segments if s.source)
     # pinned slots (unless every source is pinned already) + device staging when casting or cutting
@@ -173,11 +173,14 @@ def iter_tensors_to_device(plan: Plan, reader: RowReader, device: str | torch.de
     copy_stream = torch.cuda.Stream(dev)
     compute_stream = torch.cuda.Stream(dev)
     consumer = torch.cuda.current_stream(dev)
+    if host:  # in-place sources: what the caller's stream has queued on them comes first
+        copy_stream.wait_stream(consumer)
     if stats is not None:
-        stats.update(source_path="pinned memory" if host and not reading else "pread",
+        stats.update(source_path="in place" if host and not reading else "pread",
                      pinned_bytes=depth * block_bytes * n_pinned,
                      device_staging_bytes=depth * block_bytes * (per_slot - n_pinned),
-                     sources_in_pinned_memory=len(host),
+                     sources_in_pinned_memory=sum(1 for t in host.values() if t.device.type == "cpu"),
+                     sources_on_device=sum(1 for t in host.values() if t.device.type == "cuda"),
                      block_bytes=block_bytes, depth=depth, read_threads=threads, budget=budget,
                      backend=getattr(backend, "name", "?"))
     t0 = time.perf_counter()
@@ -339,6 +342,10 @@ def iter_tensors_to_device(plan: Plan, reader: RowReader, device: str | torch.de
                 out.record_stream(copy_stream)
                 out.record_stream(compute_stream)
                 step = max(1, block_bytes // max(_widest(it, sources), 1))
+                if host and all(seg.source is None or (seg.source in host and not seg.cols
+                                                       and sources[seg.source].dtype == it.dtype)
+                                for seg in it.segments):
+                    step = max(1, it.rows)  # copies from in-place sources use no slot bytes: one block
                 starts = list(range(0, it.rows, step)) or [0]
                 for r0 in starts:
                     r1 = min(it.rows, r0 + step)
@@ -396,7 +403,7 @@ def _strided_h2d():
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
                    ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
     fn.restype = ctypes.c_int
-    host_to_device = 1
+    default_kind = 4  # cudaMemcpyDefault: the direction from the pointers (pinned host or device, UVA)
 
     def copy2d(dst: torch.Tensor, dpitch: int, src: torch.Tensor, src_off: int, spitch: int, width: int,
                height: int, stream: torch.cuda.Stream) -> None:
@@ -404,7 +411,7 @@ def _strided_h2d():
             return
         if src_off + (height - 1) * spitch + width > src.numel() or height * dpitch > dst.numel():
             raise ValueError("strided copy out of bounds")
-        rc = fn(dst.data_ptr(), dpitch, src.data_ptr() + src_off, spitch, width, height, host_to_device,
+        rc = fn(dst.data_ptr(), dpitch, src.data_ptr() + src_off, spitch, width, height, default_kind,
                 stream.cuda_stream)
         if rc:
             raise RuntimeError(f"cudaMemcpy2DAsync failed with CUDA error {rc}")
@@ -412,9 +419,10 @@ def _strided_h2d():
     return copy2d
 
 
-def pinned_sources(plan: Plan, reader: RowReader) -> dict[str, torch.Tensor]:
-    """The plan's in-memory sources (hfnemo.exec.memsource) whose tensors are in pinned memory, as
-    flat byte views: the pipeline copies them to the device in place, with no host staging copy."""
+def pinned_sources(plan: Plan, reader: RowReader, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The plan's in-memory sources (hfnemo.exec.memsource) whose tensors are in pinned memory or
+    already on ``device``, as flat byte views: the pipeline copies from them in place (H2D or
+    D2D), with no host staging copy. Tensors on another CUDA device are refused."""
     tensors = getattr(reader, "tensors", None)
     if not tensors:
         return {}
@@ -423,7 +431,12 @@ def pinned_sources(plan: Plan, reader: RowReader) -> dict[str, torch.Tensor]:
         if s.location[0] == "memory":
             reader._check(s)
             t = tensors[s.location[1]]
-            if t.numel() and t.is_pinned():
+            if t.device.type == "cuda" and (device is None or t.device != device):
+                from hfnemo.errors import UsageError
+
+                raise UsageError(f"tensor is on {t.device}, the conversion runs on {device}", file="<state dict>",
+                                 tensor=s.name, fix=f"pass device='{t.device}' or move the tensor there")
+            if t.numel() and (t.device.type == "cuda" or t.is_pinned()):
                 out[s.name] = t.reshape(-1).view(torch.uint8)
     return out
 

@@ -34,9 +34,10 @@ KIND = "memory"
 WHERE = "<state dict>"  # the "file" errors name for an in-memory source
 
 
-def memory_sources(tensors: Mapping[str, "torch.Tensor"]) -> dict[str, SourceTensor]:
+def memory_sources(tensors: Mapping[str, "torch.Tensor"], allow_cuda: bool = False) -> dict[str, SourceTensor]:
     """One SourceTensor per tensor (location ``("memory", name)``), after checking that every
-    tensor can be read in place: a CPU tensor, C-contiguous, of a dtype the plans know."""
+    tensor can be read in place: a CPU tensor (or, ``allow_cuda``, one on a CUDA device: the GPU
+    pipeline copies it device to device), C-contiguous, of a dtype the plans know."""
     import torch
 
     if not isinstance(tensors, Mapping) or not tensors:
@@ -47,9 +48,11 @@ def memory_sources(tensors: Mapping[str, "torch.Tensor"]) -> dict[str, SourceTen
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
             raise UsageError(f"entry {name!r} is a {type(t).__name__}, not a tensor", file=WHERE, tensor=str(name),
                              fix="pass a dict of HF tensor names (str) to torch tensors")
-        if t.device.type != "cpu":
+        if t.device.type != "cpu" and not (allow_cuda and t.device.type == "cuda"):
             raise UsageError(f"tensor is on {t.device}", file=WHERE, tensor=name,
-                             fix="pass host tensors (tensor.cpu(), or .pin_memory() for the fastest GPU path)")
+                             fix=f"pass device='{t.device}' to convert on that GPU, or host tensors (tensor.cpu(); "
+                                 ".pin_memory() for the fastest GPU path)" if t.device.type == "cuda" else
+                             "pass host tensors (tensor.cpu())")
         if not t.is_contiguous():
             raise UsageError(f"tensor is not contiguous (strides {tuple(t.stride())})", file=WHERE, tensor=name,
                              fix="pass tensor.contiguous()")
@@ -86,6 +89,9 @@ class MemoryReader(RowReader):
         if src.location[0] != KIND:
             return super().read_rows(src, r0, r1, dest)
         self._check(src)
+        if self.tensor(src).device.type != "cpu":  # device tensors are copied by the GPU pipeline itself
+            raise UsageError("a device tensor cannot be read into host memory here", file=WHERE, tensor=src.name,
+                             fix="convert with device='cuda', or pass tensor.cpu()")
         row = BY_NAME[src.dtype].itemsize
         for s in src.shape[1:]:
             row *= s
@@ -99,7 +105,7 @@ class MemoryReader(RowReader):
                   dest: "torch.Tensor | memoryview") -> bool:
         if src.location[0] != KIND:
             return super().read_cols(src, r0, r1, col, cols, dest)
-        if len(src.shape) != 2 or _C is None:
+        if len(src.shape) != 2 or _C is None or self.tensor(src).device.type != "cpu":
             return False
         self._check(src)
         item = BY_NAME[src.dtype].itemsize
