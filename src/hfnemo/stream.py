@@ -371,8 +371,9 @@ def iter_tensors(src: "str | Path | Mapping[str, torch.Tensor]", to: str = "hf",
 
     Args:
         src: HF directory, NeMo 2 checkpoint, NeMo 1 directory or Megatron-LM checkpoint; or an HF
-            state dict in host memory (``{hf_name: tensor}``, CPU, contiguous) with ``config``
-            (``to="nemo"`` only): its tensors are read in place, never changed.
+            state dict in memory (``{hf_name: tensor}``, contiguous; on the CPU, or with
+            ``device="cuda"`` also on that GPU) with ``config`` (``to="nemo"`` only): its tensors
+            are read in place, never changed.
         to: ``"hf"``: one ``(hf_name, tensor)`` per HF tensor, exactly what ``hfnemo export``
             would write into the safetensors shards (an HF source: its own tensors).
             ``"nemo"``: one ``(fqn, chunk)`` per chunk of the NeMo 2 DCP checkpoint ``hfnemo
