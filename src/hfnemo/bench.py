@@ -69,8 +69,7 @@ def _require_matplotlib() -> None:
 def _read_ranges(plan: Any) -> list[tuple[str, int, int]]:
     """(file, offset, length) of every byte range the conversion reads, coalesced where adjacent."""
     ranges: list[tuple[str, int, int]] = []
-    index = locator = None
-    fds: dict[str, int] = {}
+    reader = None
     try:
         for src in plan.sources:
             kind = src.location[0]
@@ -81,34 +80,17 @@ def _read_ranges(plan: Any) -> list[tuple[str, int, int]]:
                 for path, off, lr0, n, _gr0, _col, _cols, lrb in src.location[1]:
                     ranges.append((str(path), int(off) + lr0 * lrb, n * lrb))
             elif kind == "dcp":  # the chunk rows RowReader._read_dcp preads (whole rows of each chunk)
-                if index is None:
-                    from hfnemo.io.dcp import ChunkLocator, read_index
+                if reader is None:
+                    from hfnemo.exec.sources import RowReader
+                    from hfnemo.io.dcp import read_index
 
-                    index = read_index(Path(plan.source) / "weights")
-                    locator = ChunkLocator(index)
-                _, fqn, prefix = src.location
-                g = index.tensors[fqn]
-                p = len(prefix)
-                item = g.dtype.itemsize
-                for ch in g.chunks:
-                    o, s = ch.offsets, ch.sizes
-                    if any(not (o[i] <= prefix[i] < o[i] + s[i]) for i in range(p)):
-                        continue
-                    path = str(index.root / ch.file)
-                    if path not in fds:
-                        fds[path] = os.open(path, os.O_RDONLY)
-                    st = locator.locate(fds[path], fqn, ch)
-                    strides = [1] * len(s)
-                    for j in range(len(s) - 2, -1, -1):
-                        strides[j] = strides[j + 1] * s[j + 1]
-                    base = sum((prefix[i] - o[i]) * strides[i] for i in range(p))
-                    length = (s[p] * strides[p] if src.shape else 1) * item
-                    ranges.append((path, st.offset + base * item, length))
+                    reader = RowReader(index=read_index(Path(plan.source) / "weights"))
+                ranges.extend(reader.byte_ranges(src, 0, src.shape[0] if src.shape else 1))
             else:
                 raise ValueError(f"unknown source location {kind!r}")
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        if reader is not None:
+            reader.close()
     ranges.sort()
     out: list[tuple[str, int, int]] = []
     for f, off, n in ranges:
