@@ -13,6 +13,7 @@ from tiny_models import load_hf_state
 
 import hfnemo
 from hfnemo.errors import BudgetExceeded, ConversionError, UsageError
+from hfnemo.exec import memsource
 from hfnemo.exec.memsource import MemoryReader, memory_sources
 from hfnemo.memory import current_rss
 
@@ -65,7 +66,7 @@ def test_config_forms(tiny_hf_factory):
         _same(want, _chunks(hfnemo.iter_tensors(sd, to="nemo", chunks=True, config=cfg)))
 
 
-def test_reader_rows_and_columns(tiny_hf_factory):
+def test_reader_rows_and_columns(tiny_hf_factory, monkeypatch):
     src = tiny_hf_factory("llama3_gqa", dtype=torch.float32)
     sd = load_hf_state(src)
     name = "model.layers.0.mlp.down_proj.weight"
@@ -75,9 +76,15 @@ def test_reader_rows_and_columns(tiny_hf_factory):
     out = bytearray(3 * t.shape[1] * 4)
     reader.read_rows(srcs[name], 5, 8, memoryview(out))
     assert bytes(out) == t[5:8].contiguous().view(torch.uint8).numpy().tobytes()
-    cols = torch.empty(4 * 7 * 4, dtype=torch.uint8)  # 4 rows x 7 fp32
-    if reader.read_cols(srcs[name], 2, 6, 9, 7, cols):
+    for native in (True, False):  # the native core's column cut, and torch's without it
+        if not native:
+            monkeypatch.setattr(memsource, "_C", None)
+        cols = torch.empty(4 * 7 * 4, dtype=torch.uint8)  # 4 rows x 7 fp32
+        assert reader.read_cols(srcs[name], 2, 6, 9, 7, cols)
         assert torch.equal(cols.view(torch.float32).view(4, 7), t[2:6, 9:16])
+        buf = bytearray(4 * 7 * 4)
+        assert reader.read_cols(srcs[name], 2, 6, 9, 7, memoryview(buf))
+        assert bytes(buf) == t[2:6, 9:16].contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def test_refusals_name_tensor_and_fix(tiny_hf_factory):

@@ -316,8 +316,10 @@ def _job(src: str | Path, to: str | None, dtype: str | None, max_memory: int | s
 def _hf_config(config: Any) -> Any:
     """An in-memory source's config.json: a dict, a transformers config (``to_dict()``), a path to
     config.json or to a directory holding one."""
+    from hfnemo.exec.memsource import WHERE
+
     if config is None:
-        raise UsageError("an in-memory state dict needs its HF config", file="<state dict>",
+        raise UsageError("an in-memory state dict needs its HF config", file=WHERE,
                          fix="pass config= (a dict, model.config, or the path of config.json / its directory)")
     if hasattr(config, "to_dict") and not isinstance(config, dict):
         config = config.to_dict()
@@ -332,7 +334,7 @@ def _memory_job(tensors: Any, config: Any, dtype: str | None, max_memory: int | 
                 pp: int = 1, ep: int = 1, overrides: Any = None, allow_cuda: bool = False) -> _Job:
     """The import plan of an HF state dict in host memory (hfnemo.exec.memsource): the tensors
     are the sources, read in place; ``max_memory`` counts what hfnemo allocates beside them."""
-    from hfnemo.exec.memsource import MemoryReader, memory_sources
+    from hfnemo.exec.memsource import WHERE, MemoryReader, memory_sources
     from hfnemo.overrides import parse_overrides
 
     cfg = _hf_config(config)
@@ -340,8 +342,10 @@ def _memory_job(tensors: Any, config: Any, dtype: str | None, max_memory: int | 
     held = sum(s.nbytes for name, s in sources.items() if tensors[name].device.type == "cpu")
     budget = Budget(max_memory=_size(max_memory, DEFAULT_MAX_MEMORY, "max_memory"),
                     baseline=max(0, current_rss() - held) + dcp.torch_import_reserve())
-    return _plan_import(Path("<state dict>"), _dtype(dtype), budget, tp, pp, ep, "nemo2", parse_overrides(overrides),
-                        memory=(cfg, sources, MemoryReader(tensors)))
+    job = _plan_import(Path(WHERE), _dtype(dtype), budget, tp, pp, ep, "nemo2", parse_overrides(overrides),
+                       memory=(cfg, sources, MemoryReader(tensors)))
+    job.extra["held"] = held  # the caller's resident bytes, left out of budgets
+    return job
 
 
 def plan(src: str | Path, *, to: str | None = None, dtype: str | None = "auto",

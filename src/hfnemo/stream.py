@@ -201,16 +201,19 @@ def open_nemo_view(path: str | Path) -> TensorView | None:
 
 
 def open_dcp_view(path: str | Path, *, dtype: str | None = "auto", max_memory: int | str | None = None,
-                   tp: int = 1, pp: int = 1, ep: int = 1) -> TensorView:
-    """The chunks of the NeMo 2 checkpoint that importing (HF) or resharding (NeMo 2 / NeMo 1 /
-    Megatron-LM) ``path`` for this layout would write, keyed by DCP fqn."""
+                   tp: int = 1, pp: int = 1, ep: int = 1, overrides: Any = None) -> TensorView:
+    """The chunks of the NeMo 2 checkpoint that importing (HF, with config ``overrides``) or
+    resharding (NeMo 2 / NeMo 1 / Megatron-LM) ``path`` for this layout would write, keyed by DCP fqn."""
     from hfnemo import api
     from hfnemo.plan.planner import Budget
 
     path = Path(path).expanduser()
     kind = source_kind(path)
+    if overrides is not None and kind != "hf":
+        raise UsageError("config overrides apply to an import (HF -> NeMo)", file=path,
+                         fix="drop overrides=, or stream from the HF model")
     if kind == "hf":
-        job = api._job(path, "nemo", _dtype(dtype), max_memory, None, tp, pp, ep, "nemo2")
+        job = api._job(path, "nemo", _dtype(dtype), max_memory, None, tp, pp, ep, "nemo2", overrides)
     elif kind in ("nemo2", "nemo1", "nemo1-tar", "megatron"):
         budget = Budget(max_memory=api._size(max_memory, api.DEFAULT_MAX_MEMORY, "--max-memory"),
                         baseline=_baseline())
@@ -402,6 +405,7 @@ def iter_tensors(src: "str | Path | Mapping[str, torch.Tensor]", to: str = "hf",
         Freshly allocated tensors, yours to keep (on ``device``; ready on its current stream).
     """
     from hfnemo import api
+    from hfnemo.exec import memsource
 
     if to not in ("hf", "nemo"):
         raise UsageError(f"to={to!r}", fix='use to="hf" or to="nemo"')
@@ -415,28 +419,20 @@ def iter_tensors(src: "str | Path | Mapping[str, torch.Tensor]", to: str = "hf",
     held = 0
     if isinstance(src, Mapping):
         if to != "nemo":
-            raise UsageError("an in-memory state dict is converted to NeMo tensors", file="<state dict>",
+            raise UsageError("an in-memory state dict is converted to NeMo tensors", file=memsource.WHERE,
                              fix='pass to="nemo" (the state dict is HF already)')
         job = api._memory_job(src, config, _dtype(dtype), plan_limit, tp, pp, ep, overrides, allow_cuda=dev != "cpu")
         view = _job_view(job, "hf", "dcp")
-        held = sum(s.nbytes for s in view.sources.values() if src[s.location[1]].device.type == "cpu")
+        held = job.extra["held"]
     else:
         if config is not None:
             raise UsageError("config= is for an in-memory state dict", file=str(src),
                              fix="drop config=: a checkpoint directory has its own")
-        if overrides is not None and to == "nemo":
-            src_path = Path(src).expanduser()
-            if source_kind(src_path) != "hf":
-                raise UsageError("config overrides apply to an import (HF -> NeMo)", file=src_path,
-                                 fix="drop overrides=, or stream from the HF model")
-            view = _job_view(api._job(src_path, "nemo", _dtype(dtype), plan_limit, None, tp, pp, ep, "nemo2",
-                                      overrides), "hf", "dcp")
-        elif overrides is not None:
+        if overrides is not None and to == "hf":
             raise UsageError("config overrides apply to an import (HF -> NeMo)", file=str(src),
                              fix='drop overrides=, or pass to="nemo"')
-        else:
-            view = (open_hf_view(src, dtype=dtype, max_memory=plan_limit) if to == "hf"
-                    else open_dcp_view(src, dtype=dtype, max_memory=plan_limit, tp=tp, pp=pp, ep=ep))
+        view = (open_hf_view(src, dtype=dtype, max_memory=plan_limit) if to == "hf"
+                else open_dcp_view(src, dtype=dtype, max_memory=plan_limit, tp=tp, pp=pp, ep=ep, overrides=overrides))
     try:
         if dev != "cpu":
             yield from _iter_device(view, dev, limit, chunks)

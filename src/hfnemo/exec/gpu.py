@@ -192,15 +192,8 @@ def iter_tensors_to_device(plan: Plan, reader: RowReader, device: str | torch.de
 
     def cut_into(pinned: torch.Tensor, src: SourceTensor, r0: int, r1: int, col: int, cols: int, p0: int,
                  p1: int) -> None:
-        dest = memoryview(pinned.numpy())[p0:p1]
-        if not reader.read_cols(src, r0, r1, col, cols, dest):  # no native core: whole rows, then cut
-            row = _row_bytes(src)
-            item = BY_NAME[src.dtype].itemsize
-            rows = bytearray((r1 - r0) * row)
-            reader.read_rows(src, r0, r1, memoryview(rows))
-            w = cols * item
-            for i in range(r1 - r0):
-                dest[i * w:(i + 1) * w] = rows[i * row + col * item:i * row + col * item + w]
+        if not reader.read_cols(src, r0, r1, col, cols, memoryview(pinned.numpy())[p0:p1]):
+            raise RuntimeError(f"{src.name}: an in-memory host tensor gave no column read")
 
     def plan_block(it: OutputItem, r0: int, r1: int, slot: _Slot, pool: ThreadPoolExecutor) -> tuple[list[_Run], list]:
         out_item = BY_NAME[it.dtype].itemsize
@@ -384,6 +377,19 @@ def iter_tensors_to_device(plan: Plan, reader: RowReader, device: str | torch.de
                      bytes_out=plan.write_bytes)
 
 
+def _cudart_lib():
+    """The CUDA runtime library torch has loaded, through ctypes (whose calls let go of the GIL),
+    or None when it is not mapped in this process."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = sorted({ln.split()[-1] for ln in fh if "libcudart.so" in ln})
+        return ctypes.CDLL(paths[0]) if paths else None
+    except OSError:
+        return None
+
+
 def _strided_h2d():
     """``copy2d(dst, dpitch, src, src_off, spitch, width, height, stream)``: an async strided copy
     (cudaMemcpy2DAsync) of ``height`` rows of ``width`` bytes from pinned host ``src`` (byte offset
@@ -391,14 +397,9 @@ def _strided_h2d():
     CUDA runtime is not reachable through ctypes (the pipeline then copies whole rows and cuts)."""
     import ctypes
 
-    try:
-        with open("/proc/self/maps") as fh:
-            paths = sorted({ln.split()[-1] for ln in fh if "libcudart.so" in ln})
-        if not paths:
-            return None
-        lib = ctypes.CDLL(paths[0])
-        fn = lib.cudaMemcpy2DAsync
-    except (OSError, AttributeError):
+    lib = _cudart_lib()
+    fn = getattr(lib, "cudaMemcpy2DAsync", None) if lib is not None else None
+    if fn is None:
         return None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
                    ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
@@ -433,8 +434,9 @@ def pinned_sources(plan: Plan, reader: RowReader, device: torch.device | None = 
             t = tensors[s.location[1]]
             if t.device.type == "cuda" and (device is None or t.device != device):
                 from hfnemo.errors import UsageError
+                from hfnemo.exec.memsource import WHERE
 
-                raise UsageError(f"tensor is on {t.device}, the conversion runs on {device}", file="<state dict>",
+                raise UsageError(f"tensor is on {t.device}, the conversion runs on {device}", file=WHERE,
                                  tensor=s.name, fix=f"pass device='{t.device}' or move the tensor there")
             if t.numel() and (t.device.type == "cuda" or t.is_pinned()):
                 out[s.name] = t.reshape(-1).view(torch.uint8)
@@ -560,20 +562,13 @@ class _Cudart:
     def __init__(self) -> None:
         import ctypes
 
-        self.lib = None
-        try:
-            with open("/proc/self/maps") as fh:
-                paths = sorted({ln.split()[-1] for ln in fh if "libcudart.so" in ln})
-            if paths:
-                lib = ctypes.CDLL(paths[0])
-                lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
-                lib.cudaHostRegister.restype = ctypes.c_int
-                lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
-                lib.cudaHostUnregister.restype = ctypes.c_int
-                lib.cudaGetLastError.restype = ctypes.c_int
-                self.lib = lib
-        except OSError:
-            self.lib = None
+        lib = self.lib = _cudart_lib()
+        if lib is not None:
+            lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+            lib.cudaHostRegister.restype = ctypes.c_int
+            lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
+            lib.cudaHostUnregister.restype = ctypes.c_int
+            lib.cudaGetLastError.restype = ctypes.c_int
         self.torch_rt = None if self.lib is not None else torch.cuda.cudart()
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.libc.mmap.restype = ctypes.c_void_p

@@ -103,15 +103,25 @@ class MemoryReader(RowReader):
 
     def read_cols(self, src: SourceTensor, r0: int, r1: int, col: int, cols: int,
                   dest: "torch.Tensor | memoryview") -> bool:
+        """Columns [col, col+cols) of rows [r0, r1) (columns of the flattened row) into ``dest``:
+        the native core's column cut, else torch's strided copy. False for a device tensor."""
         if src.location[0] != KIND:
             return super().read_cols(src, r0, r1, col, cols, dest)
-        if len(src.shape) != 2 or _C is None or self.tensor(src).device.type != "cpu":
+        t = self.tensor(src)
+        if not src.shape or t.device.type != "cpu":
             return False
         self._check(src)
         item = BY_NAME[src.dtype].itemsize
-        row = src.shape[1] * item
-        _C.slice_cols(address(dest), self.tensor(src).data_ptr() + r0 * row, r1 - r0, row, col * item, cols * item)
-        return True
+        row = item
+        for s in src.shape[1:]:
+            row *= s
+        if _C is not None:
+            _C.slice_cols(address(dest), t.data_ptr() + r0 * row, r1 - r0, row, col * item, cols * item)
+            return True
+        import torch
 
-    def byte_ranges(self, src: SourceTensor, r0: int, r1: int) -> list[tuple[str, int, int]]:
-        return []  # nothing to read ahead: the bytes are in memory
+        n = (r1 - r0) * cols * item
+        window = t.reshape(-1).view(torch.uint8)[r0 * row:r1 * row].view(r1 - r0, row)[:, col * item:(col + cols) * item]
+        out = dest if isinstance(dest, torch.Tensor) else torch.frombuffer(dest, dtype=torch.uint8, count=n)
+        out[:n].view(r1 - r0, cols * item).copy_(window)
+        return True
