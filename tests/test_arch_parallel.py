@@ -88,14 +88,58 @@ def _interleave(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ng: int) -> t
 
 
 def _falcon_split(cfg, ng: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
-    """q/k/v rows of query_key_value as transformers' own FalconAttention._split_heads reads them."""
+    """q/k/v rows of query_key_value as transformers' own FalconAttention reads them.
+
+    transformers up to 5.24 has FalconAttention._split_heads; 5.25 moved the split into forward(), so
+    there the fused rows go through forward() itself (identity input, ALiBi so no rotary) and an
+    attention function registered for the test captures the q/k/v it is handed.
+    """
+    import copy
+
     from transformers.models.falcon.modeling_falcon import FalconAttention
 
-    attn = FalconAttention(cfg, layer_idx=0)
+    if hasattr(FalconAttention, "_split_heads"):
+        attn = FalconAttention(cfg, layer_idx=0)
+
+        def heads(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return attn._split_heads(x)  # [1, in, heads, d]; new arch broadcasts k/v to every head
+
+    else:
+        from transformers import AttentionInterface
+
+        seen: list[torch.Tensor] = []
+
+        def capture(module, q, k, v, mask, **kw):  # [1, heads, seq, d] each
+            seen[:] = [q, k, v]
+            return torch.zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype), None
+
+        AttentionInterface.register("hfnemo_capture", capture)
+        c = copy.deepcopy(cfg)
+        c.alibi = True  # q/k/v reach the attention function unrotated
+        c._attn_implementation = "hfnemo_capture"
+        attn = FalconAttention(c, layer_idx=0).eval()
+
+        def heads(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            n = x.shape[1]  # x: [1, n, out] = the fused projection's output
+            lin = attn.query_key_value
+            with torch.no_grad():
+                # n == hidden: x^T as the weight, identity input -> output x exactly; a bias row
+                # (n == 1): zero weight, the row as the bias -> output the row exactly.
+                if n == cfg.hidden_size:
+                    lin.weight.copy_(x[0].T)
+                    if lin.bias is not None:
+                        lin.bias.zero_()
+                    inp = torch.eye(n, dtype=x.dtype)[None]
+                else:
+                    lin.weight.zero_()
+                    lin.bias.copy_(x[0, 0])
+                    inp = torch.zeros(1, 1, cfg.hidden_size, dtype=x.dtype)
+                attn(inp, None)
+            return tuple(y.transpose(1, 2) for y in seen)  # [1, n, heads (k/v: kv heads), d]
 
     def split(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = t.T[None] if t.dim() == 2 else t[None, None]  # [1, in, out], as activations arrive
-        q, k, v = attn._split_heads(x)  # [1, in, heads, d]; new arch broadcasts k/v to every head
+        q, k, v = heads(x)
         step = k.shape[2] // ng
         k, v = k[:, :, ::step], v[:, :, ::step]
         rows = [y[0].permute(1, 2, 0).reshape(-1, x.shape[1]) for y in (q, k, v)]  # [heads*d, in]
