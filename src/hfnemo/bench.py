@@ -435,8 +435,9 @@ class _Harness:
                 self.points: list[tuple[float, int, int]] = []
 
             def sample(self) -> int:
+                t = time.perf_counter() - t0  # when the sample began: before the child's exit or after it
                 pss = super().sample()
-                self.points.append((time.perf_counter() - t0, _tree_size(root), pss))
+                self.points.append((t, _tree_size(root), pss))
                 return pss
 
         with open(logs / "stdout", "wb") as so, open(logs / "stderr", "wb") as se:
@@ -454,7 +455,9 @@ class _Harness:
             wall = time.perf_counter() - t0
             sampler.stop(final_sample=False)
         proc.returncode = os.waitstatus_to_exitcode(status)
-        points = list(sampler.points) + [(wall, _tree_size(root), 0)]
+        # A sample the thread began after the child had exited (it races wait4) describes no
+        # running process and would put a time past the end: the timeline ends at the wall.
+        points = [p for p in sampler.points if p[0] < wall] + [(wall, _tree_size(root), 0)]
         stdout = (logs / "stdout").read_text(errors="replace")
         return {"wall_s": wall, "returncode": proc.returncode, "peak_pss_bytes": sampler.peak_bytes,
                 "peak_rss_hwm_bytes": sampler.last_hwm_bytes or sampler.peak_hwm_bytes,
