@@ -129,3 +129,38 @@ def test_bench_usage_errors(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     r = hfnemo("bench", str(tmp_path / "m"), "--repeat", "0")
     assert r.returncode == 2 and "--repeat" in r.stderr
+
+
+def test_timeline_ends_at_the_wall_when_a_sample_straddles_the_exit(tmp_path: Path, monkeypatch) -> None:
+    """A sample that is still reading when the child exits must not land after the wall.
+
+    The sampler thread's first sample (the second reading; start() takes the first itself)
+    is made to outlast the child: it sleeps after its reading, so it is in flight when
+    wait4 returns: the race CI once hit by chance, forced here.
+    """
+    import time
+
+    from hfnemo import bench
+
+    mw = bench._memwatch()
+    orig = mw.PeakMemorySampler.sample
+    calls = []
+
+    def slow_sample(self):
+        pss = orig(self)
+        calls.append(pss)
+        if len(calls) == 2:
+            time.sleep(0.6)  # the child (0.3 s) exits meanwhile
+        return pss
+
+    monkeypatch.setattr(mw.PeakMemorySampler, "sample", slow_sample)
+    h = object.__new__(bench._Harness)
+    h.mw, h.run, h.env = mw, tmp_path, dict(os.environ)
+    root = tmp_path / "out"
+    root.mkdir()
+    res = h.measure([sys.executable, "-c", "import time; time.sleep(0.3)"], root)
+    assert res["returncode"] == 0 and len(calls) >= 2
+    t = [p[0] for p in res["points"]]
+    assert t == sorted(t) and t[-1] == res["wall_s"] and all(x < res["wall_s"] for x in t[:-1]), (t, res["wall_s"])
+    tl = bench._timeline(res["points"])
+    assert tl["t_s"] == sorted(tl["t_s"])
